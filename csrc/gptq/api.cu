@@ -1,0 +1,171 @@
+// The extern "C" launchers of opt4gptq.h: argument reshaping, the kernel
+// instance table, device selection and error text. No allocation, no sync
+// (except o4g_stream_synchronize, which exists to do exactly that).
+#include <cstdio>
+#include <string>
+
+#include "gemm_skinny.cuh"
+#include "gemm_tiled.cuh"
+#include "permute.cuh"
+
+namespace {
+
+thread_local std::string last_error;
+
+int fail(int status, const std::string &what)
+{
+    last_error = what;
+    return status;
+}
+
+int check(cudaError_t error, const char *where)
+{
+    if (error == cudaSuccess) return O4G_OK;
+    return fail(O4G_ERR_RUNTIME, std::string(where) + ": " + cudaGetErrorString(error));
+}
+
+// Launches go to the device that owns the pointers, whatever the calling
+// thread had selected; the caller's selection is restored afterwards.
+class DeviceScope {
+public:
+    explicit DeviceScope(int device)
+    {
+        status_ = cudaGetDevice(&previous_);
+        if (status_ == cudaSuccess && previous_ != device) {
+            status_ = cudaSetDevice(device);
+            switched_ = status_ == cudaSuccess;
+        }
+    }
+    ~DeviceScope()
+    {
+        if (switched_) cudaSetDevice(previous_);
+    }
+    cudaError_t status() const { return status_; }
+
+private:
+    int previous_ = 0;
+    bool switched_ = false;
+    cudaError_t status_;
+};
+
+o4g::GemmParams to_params(const o4g_gemm_args &args)
+{
+    o4g::GemmParams p;
+    p.a = static_cast<const __half *>(args.a);
+    p.qweight = reinterpret_cast<const uint32_t *>(args.qweight);
+    p.qzeros = reinterpret_cast<const uint32_t *>(args.qzeros);
+    p.scales = static_cast<const __half *>(args.scales);
+    p.g_idx = args.g_idx;
+    p.perm = args.perm;
+    p.out = static_cast<__half *>(args.out);
+    p.m = args.m;
+    p.k = args.k;
+    p.n = args.n;
+    p.lda = args.lda;
+    p.groups = static_cast<int32_t>(args.groups);
+    p.group_size = static_cast<int32_t>(args.k / args.groups);
+    p.zero_words = static_cast<int32_t>(args.n * args.bits / 32);
+    p.zero_offset = args.zero_offset;
+    return p;
+}
+
+template <int BITS>
+cudaError_t launch_skinny_rows(const o4g::GemmParams &p, cudaStream_t stream)
+{
+    // M_TILE = m for up to 8 rows (no idle accumulators), then chunks of 8.
+    switch (p.m) {
+    case 1: return o4g::launch_skinny<BITS, 1>(p, stream);
+    case 2: return o4g::launch_skinny<BITS, 2>(p, stream);
+    case 3: return o4g::launch_skinny<BITS, 3>(p, stream);
+    case 4: return o4g::launch_skinny<BITS, 4>(p, stream);
+    case 5: return o4g::launch_skinny<BITS, 5>(p, stream);
+    case 6: return o4g::launch_skinny<BITS, 6>(p, stream);
+    case 7: return o4g::launch_skinny<BITS, 7>(p, stream);
+    default: return o4g::launch_skinny<BITS, o4g::kSkinnyMaxRows>(p, stream);
+    }
+}
+
+template <int BITS>
+int launch_gemm(const o4g::GemmParams &p, int path, cudaStream_t stream)
+{
+    switch (path) {
+    case O4G_PATH_SKINNY: return check(launch_skinny_rows<BITS>(p, stream), "gemm_skinny launch");
+    case O4G_PATH_TILED: return check(o4g::launch_tiled<BITS>(p, stream), "gemm_tiled launch");
+    default: return fail(O4G_ERR_UNSUPPORTED, "unknown kernel path " + std::to_string(path));
+    }
+}
+
+}  // namespace
+
+extern "C" int o4g_gemm(const o4g_gemm_args *args, void *stream_handle)
+{
+    if (!args) return fail(O4G_ERR_ARGS, "null arguments");
+    if (args->m == 0 || args->n == 0) return O4G_OK;
+    if (args->k % 32 != 0 || args->groups <= 0 || args->k % args->groups != 0)
+        return fail(O4G_ERR_ARGS, "k must be a multiple of 32 and of the group count");
+    DeviceScope scope(args->device);
+    if (scope.status() != cudaSuccess) return check(scope.status(), "select device");
+
+    const o4g::GemmParams p = to_params(*args);
+    const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+    switch (args->bits) {
+    case 2: return launch_gemm<2>(p, args->path, stream);
+    case 3: return launch_gemm<3>(p, args->path, stream);
+    case 4: return launch_gemm<4>(p, args->path, stream);
+    case 8: return launch_gemm<8>(p, args->path, stream);
+    default: return fail(O4G_ERR_UNSUPPORTED, "bits must be 2, 3, 4 or 8");
+    }
+}
+
+extern "C" int o4g_permute_rows(const int32_t *src, int32_t *dst, const int32_t *perm, int64_t k, int64_t n,
+                                int32_t bits, int32_t device, void *stream_handle)
+{
+    if (k == 0 || n == 0) return O4G_OK;
+    if (k % 32 != 0) return fail(O4G_ERR_ARGS, "k must be a multiple of 32");
+    DeviceScope scope(device);
+    if (scope.status() != cudaSuccess) return check(scope.status(), "select device");
+
+    const auto *s = reinterpret_cast<const uint32_t *>(src);
+    auto *d = reinterpret_cast<uint32_t *>(dst);
+    const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+    switch (bits) {
+    case 2: return check(o4g::launch_permute_rows<2>(s, d, perm, k, n, stream), "permute_rows launch");
+    case 3: return check(o4g::launch_permute_rows<3>(s, d, perm, k, n, stream), "permute_rows launch");
+    case 4: return check(o4g::launch_permute_rows<4>(s, d, perm, k, n, stream), "permute_rows launch");
+    case 8: return check(o4g::launch_permute_rows<8>(s, d, perm, k, n, stream), "permute_rows launch");
+    default: return fail(O4G_ERR_UNSUPPORTED, "bits must be 2, 3, 4 or 8");
+    }
+}
+
+extern "C" int o4g_stream_synchronize(int32_t device, void *stream_handle)
+{
+    DeviceScope scope(device);
+    if (scope.status() != cudaSuccess) return check(scope.status(), "select device");
+    return check(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_handle)), "stream synchronize");
+}
+
+extern "C" int o4g_device_count(int32_t *count)
+{
+    int value = 0;
+    const cudaError_t error = cudaGetDeviceCount(&value);
+    // "No device" is an answer, not a failure: a GPU build on a GPU-less host.
+    if (error != cudaSuccess) {
+        cudaGetLastError();
+        value = 0;
+    }
+    *count = value;
+    return O4G_OK;
+}
+
+extern "C" int o4g_device_name(int32_t device, char *buf, int32_t len)
+{
+    cudaDeviceProp prop;
+    const int status = check(cudaGetDeviceProperties(&prop, device), "device properties");
+    if (status != O4G_OK) return status;
+    std::snprintf(buf, static_cast<size_t>(len), "%s", prop.name);
+    return O4G_OK;
+}
+
+extern "C" const char *o4g_platform(void) { return O4G_PLATFORM; }
+
+extern "C" const char *o4g_last_error(void) { return last_error.c_str(); }

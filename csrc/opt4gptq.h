@@ -1,0 +1,66 @@
+/* The one boundary between the Rust engine and the GPU kernels.
+ *
+ * Everything here is plain C: raw device pointers, sizes, an explicit stream.
+ * The launchers never allocate and never synchronize, so a caller may capture
+ * them in a CUDA/HIP graph. Rust validates every argument before calling; the
+ * status codes below exist for what only the device runtime can report. */
+#ifndef OPT4GPTQ_H
+#define OPT4GPTQ_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum o4g_status {
+    O4G_OK = 0,
+    O4G_ERR_ARGS = 1,        /* arguments the launcher cannot serve (Rust should have refused them) */
+    O4G_ERR_UNSUPPORTED = 2, /* a (bits, variant) pair with no kernel instance */
+    O4G_ERR_RUNTIME = 3      /* the device runtime failed: see o4g_last_error() */
+};
+
+/* Which kernel family serves a call. Rust owns the choice (see src/dispatch.rs). */
+enum o4g_path {
+    O4G_PATH_SKINNY = 0, /* few rows: every block reads a column strip of the weights once */
+    O4G_PATH_TILED = 1   /* many rows: 64x64 output tiles, weights dequantized into shared memory */
+};
+
+typedef struct o4g_gemm_args {
+    const void *a;           /* fp16 [m, k], row stride lda elements, unit column stride */
+    const int32_t *qweight;  /* int32 [k * bits / 32, n], packed along k */
+    const int32_t *qzeros;   /* int32 [groups, n * bits / 32], packed along n */
+    const void *scales;      /* fp16 [groups, n] */
+    const int32_t *g_idx;    /* int32 [k] group of each row, or NULL: row r is in group r / (k / groups) */
+    const int32_t *perm;     /* int32 [k] activation column read for weight row r, or NULL: column r */
+    void *out;               /* fp16 [m, n], contiguous; fully overwritten */
+    int64_t m, k, n, groups, lda;
+    int32_t bits;            /* 2, 3, 4 or 8 */
+    int32_t zero_offset;     /* 1 for GPTQ v1 (stored zero is zero - 1), 0 for v2 */
+    int32_t path;            /* enum o4g_path */
+    int32_t device;          /* device ordinal the pointers live on */
+} o4g_gemm_args;
+
+/* out = a[:, perm] @ dequant(qweight) on `stream` (cudaStream_t / hipStream_t). */
+int o4g_gemm(const o4g_gemm_args *args, void *stream);
+
+/* dst row r (unpacked) = src row perm[r]; src and dst are distinct [k * bits / 32, n] buffers. */
+int o4g_permute_rows(const int32_t *src, int32_t *dst, const int32_t *perm, int64_t k, int64_t n,
+                     int32_t bits, int32_t device, void *stream);
+
+/* Blocks the host until `stream` drains: only for producers that cannot hand us a stream. */
+int o4g_stream_synchronize(int32_t device, void *stream);
+
+int o4g_device_count(int32_t *count);
+/* Writes a NUL-terminated name of at most len bytes. */
+int o4g_device_name(int32_t device, char *buf, int32_t len);
+/* "cuda" or "rocm": what this library was compiled for. */
+const char *o4g_platform(void);
+/* Text of the last O4G_ERR_RUNTIME on this thread. */
+const char *o4g_last_error(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

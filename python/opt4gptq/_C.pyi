@@ -1,0 +1,24 @@
+# Stub of the native engine. The public API is opt4gptq.gptq_gemm / gptq_shuffle;
+# these take DLPack capsules made by opt4gptq._frameworks.
+from typing import Any, List, Optional
+
+__version__: str
+SKINNY_MAX_ROWS: int
+
+def gemm(
+    a: Any,
+    b_q_weight: Any,
+    b_gptq_qzeros: Any,
+    b_gptq_scales: Any,
+    b_g_idx: Optional[Any],
+    out: Any,
+    use_exllama: bool,
+    bit: int,
+    use_v2_format: bool,
+    path: Optional[str],
+    stream: int,
+) -> str: ...
+def permute_rows(src: Any, dst: Any, perm: Any, bit: int, stream: int) -> None: ...
+def backend() -> str: ...
+def devices() -> List[str]: ...
+def stream_synchronize(device: int, stream: int) -> None: ...

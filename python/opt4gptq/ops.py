@@ -1,0 +1,147 @@
+"""gptq_gemm and gptq_shuffle with vLLM's signatures, for any DLPack producer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from . import _C
+from ._frameworks import capsule, copy_of, empty_like, is_absent, launch_for, library_of, shape_of
+
+_SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _check_bit(bit: int) -> int:
+    if isinstance(bit, bool) or not isinstance(bit, int) or bit not in _SUPPORTED_BITS:
+        raise ValueError(f"bit must be one of 2, 3, 4, 8; got {bit!r}")
+    return bit
+
+
+def _check_2d(x: Any, name: str, what: str) -> tuple:
+    shape = shape_of(x, name)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be 2-D {what}; got shape {list(shape)}")
+    return shape
+
+
+class _DeviceIndexCheck:
+    """Validates torch GPU index tensors once per tensor version.
+
+    CPU arrays are checked by the engine on every call. A GPU array can only be
+    read with a device sync, which a decode step (and a CUDA graph capture)
+    must not pay, so its check runs on first sight of each (pointer, version)
+    and is skipped while a graph is being captured. vLLM warms every layer up
+    before capture, so every index tensor it uses is checked. What escapes the
+    check still cannot read out of bounds: the kernels turn a bad index into NaN.
+    """
+
+    def __init__(self, capacity: int = 8192):
+        self._seen: set = set()
+        self._capacity = capacity
+
+    def __call__(self, x: Any, name: str, kind: str, bound: int) -> None:
+        if library_of(x) != "torch" or x.device.type == "cpu":
+            return
+        import torch
+
+        if torch.cuda.is_current_stream_capturing():
+            return
+        key = (kind, x.data_ptr(), x._version, x.numel(), bound)
+        if key in self._seen:
+            return
+        if x.dtype != torch.int32:
+            return  # the engine reports the dtype, naming the argument
+        if kind == "permutation":
+            expected = torch.arange(x.numel(), device=x.device, dtype=x.dtype)
+            if not torch.equal(torch.sort(x).values, expected):
+                raise ValueError(f"{name} must be a permutation of 0..{x.numel()} (argsort of g_idx)")
+        elif x.numel() and (int(x.min()) < 0 or int(x.max()) >= bound):
+            raise ValueError(f"{name} has entries outside 0..{bound - 1}: there are {bound} groups (rows of b_gptq_scales)")
+        if len(self._seen) >= self._capacity:
+            self._seen.clear()
+        self._seen.add(key)
+
+
+_check_device_indices = _DeviceIndexCheck()
+
+
+def gptq_gemm(
+    a: Any,
+    b_q_weight: Any,
+    b_gptq_qzeros: Any,
+    b_gptq_scales: Any,
+    b_g_idx: Any,
+    use_exllama: bool,
+    bit: int,
+    use_v2_format: bool = False,
+    *,
+    out: Any = None,
+    path: Optional[str] = None,
+) -> Any:
+    """``a @ dequantize(b)`` for GPTQ-packed weights, as vLLM's ``ops.gptq_gemm``.
+
+    a: float16 ``[M, K]``. b_q_weight: int32 ``[K*bit/32, N]``. b_gptq_qzeros:
+    int32 ``[groups, N*bit/32]``. b_gptq_scales: float16 ``[groups, N]``.
+
+    b_g_idx: with ``use_exllama=True`` the act-order permutation that
+    :func:`gptq_shuffle` applied to ``b_q_weight`` (vLLM passes
+    ``argsort(g_idx)``), and the activations' K axis is read through it; with
+    ``use_exllama=False`` the group of every input row of unshuffled weights.
+    ``None``, an empty array or a torch meta tensor mean "none".
+
+    use_v2_format: zero points are stored as-is (v2) instead of minus one (v1).
+    out: optional float16 ``[M, N]`` to write into (fully overwritten).
+    path: force a kernel ("skinny" or "tiled"); None lets the dispatch table choose.
+
+    Returns ``[M, N]`` float16 from the caller's library, on its device; GPU
+    work is queued on the caller's current stream without synchronizing.
+    """
+    _check_bit(bit)
+    m, _ = _check_2d(a, "a", "[M, K] activations")
+    _, n = _check_2d(b_q_weight, "b_q_weight", "[K * bit / 32, N] packed weights")
+    groups, _ = _check_2d(b_gptq_scales, "b_gptq_scales", "[groups, N] scales")
+    g_idx = None if is_absent(b_g_idx) else b_g_idx
+    if g_idx is not None:
+        if use_exllama:
+            _check_device_indices(g_idx, "b_g_idx (use_exllama=True: the act-order permutation)", "permutation", 0)
+        else:
+            _check_device_indices(g_idx, "b_g_idx", "groups", groups)
+    if out is None:
+        out = empty_like(a, (m, n), "float16")
+    launch = launch_for(a)
+    _C.gemm(
+        capsule(a, launch),
+        capsule(b_q_weight, launch),
+        capsule(b_gptq_qzeros, launch),
+        capsule(b_gptq_scales, launch),
+        None if g_idx is None else capsule(g_idx, launch),
+        capsule(out, launch),
+        bool(use_exllama),
+        bit,
+        bool(use_v2_format),
+        path,
+        launch.stream,
+    )
+    if launch.synchronize_after:
+        _C.stream_synchronize(a.__dlpack_device__()[1], launch.stream)
+    return out
+
+
+def gptq_shuffle(q_weight: Any, q_perm: Any, bit: int) -> None:
+    """Re-lay ``q_weight`` in place for :func:`gptq_gemm` with ``use_exllama=True``.
+
+    Our shuffled layout is the GPTQ packing with rows reordered: afterwards,
+    row r holds what row ``q_perm[r]`` held. Without a permutation (``None``,
+    empty, or vLLM 0.3.3's meta tensor) the layout is already what the kernels
+    read, so nothing moves. Load-time only: on GPU it allocates one scratch
+    copy of ``q_weight`` through the caller's library.
+    """
+    _check_bit(bit)
+    rows, _ = _check_2d(q_weight, "q_weight", "[K * bit / 32, N] packed weights")
+    if is_absent(q_perm):
+        return
+    _check_device_indices(q_perm, "q_perm", "permutation", 0)
+    launch = launch_for(q_weight)
+    source = copy_of(q_weight)
+    _C.permute_rows(capsule(source, launch), capsule(q_weight, launch), capsule(q_perm, launch), bit, launch.stream)
+    if launch.synchronize_after:
+        _C.stream_synchronize(q_weight.__dlpack_device__()[1], launch.stream)

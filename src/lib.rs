@@ -1,0 +1,100 @@
+//! opt4gptq's engine. This file only registers the native module `opt4gptq._C`;
+//! the work lives in the modules below, and the public API in python/opt4gptq.
+
+pub mod cpu;
+pub mod dispatch;
+pub mod error;
+#[cfg(o4g_gpu)]
+pub mod gpu;
+pub mod meta;
+pub mod ops;
+pub mod quant;
+pub mod tensor;
+
+use pyo3::prelude::*;
+
+/// Low-level gptq_gemm on DLPack capsules; returns the kernel path that ran.
+#[pyfunction]
+#[pyo3(signature = (a, b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, out, use_exllama, bit, use_v2_format, path, stream))]
+#[allow(clippy::too_many_arguments)]
+fn gemm<'py>(
+    py: Python<'py>,
+    a: Bound<'py, PyAny>,
+    b_q_weight: Bound<'py, PyAny>,
+    b_gptq_qzeros: Bound<'py, PyAny>,
+    b_gptq_scales: Bound<'py, PyAny>,
+    b_g_idx: Option<Bound<'py, PyAny>>,
+    out: Bound<'py, PyAny>,
+    use_exllama: bool,
+    bit: i64,
+    use_v2_format: bool,
+    path: Option<String>,
+    stream: usize,
+) -> PyResult<&'static str> {
+    let call = ops::GemmCall {
+        a,
+        qweight: b_q_weight,
+        qzeros: b_gptq_qzeros,
+        scales: b_gptq_scales,
+        g_idx: b_g_idx,
+        out,
+        use_exllama,
+        bit,
+        use_v2_format,
+        path,
+        stream,
+    };
+    Ok(ops::gemm(py, call)?)
+}
+
+/// Low-level row permutation of packed weights (the work of gptq_shuffle).
+#[pyfunction]
+fn permute_rows(py: Python<'_>, src: Bound<'_, PyAny>, dst: Bound<'_, PyAny>, perm: Bound<'_, PyAny>, bit: i64, stream: usize) -> PyResult<()> {
+    Ok(ops::permute_rows(py, &src, &dst, &perm, bit, stream)?)
+}
+
+/// "cpu", "cuda" or "rocm": what this build was compiled for.
+#[pyfunction]
+fn backend() -> &'static str {
+    env!("O4G_BACKEND")
+}
+
+/// Names of the GPUs this build can see (empty for a CPU build or no GPU).
+#[pyfunction]
+fn devices() -> Vec<String> {
+    #[cfg(o4g_gpu)]
+    {
+        gpu::device_names()
+    }
+    #[cfg(not(o4g_gpu))]
+    {
+        Vec::new()
+    }
+}
+
+/// Blocks until `stream` on `device` has finished (for producers that cannot share a stream).
+#[pyfunction]
+fn stream_synchronize(device: i32, stream: usize) -> PyResult<()> {
+    #[cfg(o4g_gpu)]
+    {
+        Ok(gpu::stream_synchronize(device, stream)?)
+    }
+    #[cfg(not(o4g_gpu))]
+    {
+        let _ = (device, stream);
+        Ok(())
+    }
+}
+
+#[pymodule]
+#[pyo3(name = "_C")]
+fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("SKINNY_MAX_ROWS", dispatch::SKINNY_MAX_ROWS)?;
+    m.add_function(wrap_pyfunction!(gemm, m)?)?;
+    m.add_function(wrap_pyfunction!(permute_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(backend, m)?)?;
+    m.add_function(wrap_pyfunction!(devices, m)?)?;
+    m.add_function(wrap_pyfunction!(stream_synchronize, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! gptq_gemm and the row permutation behind gptq_shuffle: import, validate, dispatch.
+
+use crate::cpu;
+use crate::dispatch::{KernelPath, choose_path};
+use crate::error::{Error, Result};
+use crate::meta::Device;
+use crate::quant::{self, GemmMetas, check_bits, check_gemm, check_group_indices, check_permutation, check_shuffle};
+use crate::tensor::{Imported, import_optional};
+use half::f16;
+use pyo3::prelude::*;
+
+/// The Python-level arguments of one gptq_gemm call.
+pub struct GemmCall<'py> {
+    pub a: Bound<'py, PyAny>,
+    pub qweight: Bound<'py, PyAny>,
+    pub qzeros: Bound<'py, PyAny>,
+    pub scales: Bound<'py, PyAny>,
+    pub g_idx: Option<Bound<'py, PyAny>>,
+    pub out: Bound<'py, PyAny>,
+    pub use_exllama: bool,
+    pub bit: i64,
+    pub use_v2_format: bool,
+    /// Kernel path override ("skinny"/"tiled"); None lets dispatch choose.
+    pub path: Option<String>,
+    pub stream: usize,
+}
+
+fn unsupported_device(name: &str, device: Device) -> Error {
+    let backend = env!("O4G_BACKEND");
+    let hint = match device {
+        Device::Cuda(_) => "reinstall with OPT4GPTQ_GPU=cuda",
+        Device::Rocm(_) => "reinstall with OPT4GPTQ_GPU=rocm",
+        _ => "use CPU, CUDA or ROCm arrays",
+    };
+    Error::value(format!("{name} is on {device}, which this opt4gptq build ({backend}) cannot serve; {hint}"))
+}
+
+/// Runs `work` without the GIL: the CPU backend can take a while on big shapes.
+fn without_gil<T: Send>(py: Python<'_>, work: impl FnOnce() -> T + Send) -> T {
+    py.detach(work)
+}
+
+pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<&'static str> {
+    let a = Imported::from_py("a", &call.a)?;
+    let qweight = Imported::from_py("b_q_weight", &call.qweight)?;
+    let qzeros = Imported::from_py("b_gptq_qzeros", &call.qzeros)?;
+    let scales = Imported::from_py("b_gptq_scales", &call.scales)?;
+    let g_idx = import_optional("b_g_idx", call.g_idx.as_ref())?;
+    let out = Imported::from_py("out", &call.out)?;
+    out.expect_writable()?;
+    let shape = check_gemm(
+        &GemmMetas {
+            a: &a.meta,
+            qweight: &qweight.meta,
+            qzeros: &qzeros.meta,
+            scales: &scales.meta,
+            g_idx: g_idx.as_ref().map(|g| &g.meta),
+            out: &out.meta,
+        },
+        call.bit,
+        call.use_v2_format,
+    )?;
+    let path = match call.path.as_deref() {
+        None => choose_path(&shape),
+        Some(name) => KernelPath::parse(name)
+            .ok_or_else(|| Error::value(format!("path must be 'skinny' or 'tiled'; got {name:?}")))?,
+    };
+    // With exllama the index tensor is the act-order permutation that
+    // gptq_shuffle already applied to the weight rows; otherwise it is g_idx.
+    let (groups_of_rows, permutation) = if call.use_exllama { (None, g_idx.as_ref()) } else { (g_idx.as_ref(), None) };
+
+    let device = a.meta.device;
+    match device {
+        Device::Cpu => {
+            let (g_idx_values, perm_values) = unsafe {
+                (groups_of_rows.map(|t| t.host_slice::<i32>()), permutation.map(|t| t.host_slice::<i32>()))
+            };
+            if let Some(values) = g_idx_values {
+                check_group_indices("b_g_idx", values, shape.groups)?;
+            }
+            if let Some(values) = perm_values {
+                check_permutation("b_g_idx (use_exllama=True: the act-order permutation)", values)?;
+            }
+            let problem = unsafe {
+                cpu::CpuGemm {
+                    shape,
+                    a: a.host_slice::<f16>(),
+                    qweight: qweight.host_slice::<i32>(),
+                    qzeros: qzeros.host_slice::<i32>(),
+                    scales: scales.host_slice::<f16>(),
+                    g_idx: g_idx_values,
+                    perm: perm_values,
+                }
+            };
+            let out_values = unsafe { out.host_slice_mut::<f16>() };
+            without_gil(py, || cpu::gemm(&problem, out_values));
+        }
+        _ => gpu_gemm(&shape, &a, &qweight, &qzeros, &scales, groups_of_rows, permutation, &out, path, call.stream)?,
+    }
+    Ok(if device == Device::Cpu { "cpu" } else { path.name() })
+}
+
+#[cfg(o4g_gpu)]
+#[allow(clippy::too_many_arguments)]
+fn gpu_gemm(
+    shape: &quant::GemmShape,
+    a: &Imported,
+    qweight: &Imported,
+    qzeros: &Imported,
+    scales: &Imported,
+    g_idx: Option<&Imported>,
+    perm: Option<&Imported>,
+    out: &Imported,
+    path: KernelPath,
+    stream: usize,
+) -> Result<()> {
+    let device = a.meta.device;
+    if !crate::gpu::serves(device) {
+        return Err(unsupported_device("a", device));
+    }
+    let null = std::ptr::null();
+    let ptrs = crate::gpu::DevicePointers {
+        a: a.ptr(),
+        qweight: qweight.ptr().cast(),
+        qzeros: qzeros.ptr().cast(),
+        scales: scales.ptr(),
+        g_idx: g_idx.map_or(null, |t| t.ptr().cast()),
+        perm: perm.map_or(null, |t| t.ptr().cast()),
+        out: out.ptr(),
+    };
+    crate::gpu::gemm(shape, &ptrs, path as i32, device.ordinal(), stream)
+}
+
+#[cfg(not(o4g_gpu))]
+#[allow(clippy::too_many_arguments)]
+fn gpu_gemm(
+    _shape: &quant::GemmShape,
+    a: &Imported,
+    _qweight: &Imported,
+    _qzeros: &Imported,
+    _scales: &Imported,
+    _g_idx: Option<&Imported>,
+    _perm: Option<&Imported>,
+    _out: &Imported,
+    _path: KernelPath,
+    _stream: usize,
+) -> Result<()> {
+    Err(unsupported_device("a", a.meta.device))
+}
+
+/// dst row r = src row perm[r] (packed rows). src and dst must not overlap.
+pub fn permute_rows(
+    py: Python<'_>,
+    src: &Bound<'_, PyAny>,
+    dst: &Bound<'_, PyAny>,
+    perm: &Bound<'_, PyAny>,
+    bit: i64,
+    stream: usize,
+) -> Result<()> {
+    let bits = check_bits(bit)?;
+    let src = Imported::from_py("q_weight", src)?;
+    let dst = Imported::from_py("q_weight (destination)", dst)?;
+    let perm = Imported::from_py("q_perm", perm)?;
+    dst.expect_writable()?;
+    let (k, n) = check_shuffle(&src.meta, Some(&perm.meta), bits)?;
+    let (_, _) = check_shuffle(&dst.meta, None, bits)?;
+    if dst.meta.shape != src.meta.shape || dst.meta.device != src.meta.device {
+        return Err(Error::value("the shuffle destination must match q_weight in shape and device"));
+    }
+    if src.ptr() == dst.ptr() && k > 0 && n > 0 {
+        return Err(Error::value("the shuffle source and destination must be distinct buffers"));
+    }
+    match src.meta.device {
+        Device::Cpu => {
+            let perm_values = unsafe { perm.host_slice::<i32>() };
+            check_permutation("q_perm", perm_values)?;
+            let (src_values, dst_values) = unsafe { (src.host_slice::<i32>(), dst.host_slice_mut::<i32>()) };
+            without_gil(py, || cpu::permute_rows(src_values, dst_values, perm_values, k, n, bits));
+            Ok(())
+        }
+        device => gpu_permute_rows(&src, &dst, &perm, k, n, bits, device, stream),
+    }
+}
+
+#[cfg(o4g_gpu)]
+#[allow(clippy::too_many_arguments)]
+fn gpu_permute_rows(src: &Imported, dst: &Imported, perm: &Imported, k: usize, n: usize, bits: u32, device: Device, stream: usize) -> Result<()> {
+    if !crate::gpu::serves(device) {
+        return Err(unsupported_device("q_weight", device));
+    }
+    crate::gpu::permute_rows(src.ptr().cast(), dst.ptr().cast(), perm.ptr().cast(), k, n, bits, device.ordinal(), stream)
+}
+
+#[cfg(not(o4g_gpu))]
+#[allow(clippy::too_many_arguments)]
+fn gpu_permute_rows(_src: &Imported, _dst: &Imported, _perm: &Imported, _k: usize, _n: usize, _bits: u32, device: Device, _stream: usize) -> Result<()> {
+    Err(unsupported_device("q_weight", device))
+}
