@@ -94,9 +94,11 @@ fn build_cuda() {
     });
     let cuda_home = nvcc.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
 
+    // cc wraps host flags for nvcc only when it finds nvcc itself, through NVCC.
+    // SAFETY: build scripts are single-threaded.
+    unsafe { env::set_var("NVCC", &nvcc) };
     let mut build = cc::Build::new();
-    build.cuda(true).cudart("static").compiler(&nvcc).flag("-O3").flag("-std=c++17");
-    build.flag("-Xcompiler").flag("-fPIC");
+    build.cuda(true).cudart("static").flag("-O3").flag("-std=c++17");
     for arch in arch_list("OPT4GPTQ_CUDA_ARCHS", "80;90a") {
         let digits = arch.trim_start_matches("sm_").trim_start_matches("compute_");
         // Plain archs also embed PTX so a newer GPU can JIT them; "a" archs
