@@ -38,7 +38,7 @@ public:
     }
     ~DeviceScope()
     {
-        if (switched_) cudaSetDevice(previous_);
+        if (switched_) (void)cudaSetDevice(previous_);
     }
     cudaError_t status() const { return status_; }
 
@@ -150,7 +150,7 @@ extern "C" int o4g_device_count(int32_t *count)
     const cudaError_t error = cudaGetDeviceCount(&value);
     // "No device" is an answer, not a failure: a GPU build on a GPU-less host.
     if (error != cudaSuccess) {
-        cudaGetLastError();
+        (void)cudaGetLastError();  // clear the sticky "no device" error
         value = 0;
     }
     *count = value;

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kSkinnyColumns * kSkinnySlices) gemm_skinny_ke
             }
 #pragma unroll
             for (int i = 0; i < M_TILE; ++i) {
-                if (i >= rows) break;
+                if (i >= rows) continue;
                 const __half *a_row = p.a + (m0 + i) * p.lda;
                 float sum = 0.0f;
 #pragma unroll
