@@ -9,12 +9,21 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNEL_SOURCES: &[&str] = &["csrc/gptq/api.cu"];
+const KERNEL_SOURCES: &[&str] = &[
+    "csrc/gptq/api.cu",
+    "csrc/gptq/instances/exllama_b2.cu",
+    "csrc/gptq/instances/exllama_b3.cu",
+    "csrc/gptq/instances/exllama_b4.cu",
+    "csrc/gptq/instances/exllama_b8.cu",
+];
 const HEADERS: &[&str] = &[
     "csrc/opt4gptq.h",
     "csrc/compat/vendor.h",
     "csrc/compat/vendors/cuda.h",
     "csrc/compat/vendors/hip.h",
+    "csrc/compat/asm/packed_half_ptx.cuh",
+    "csrc/compat/asm/packed_half_gfx9.cuh",
+    "csrc/gptq/gemm_exllama.cuh",
     "csrc/gptq/common.cuh",
     "csrc/gptq/gemm_skinny.cuh",
     "csrc/gptq/gemm_tiled.cuh",

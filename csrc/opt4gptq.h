@@ -23,7 +23,15 @@ enum o4g_status {
 /* Which kernel family serves a call. Rust owns the choice (see src/dispatch.rs). */
 enum o4g_path {
     O4G_PATH_SKINNY = 0, /* few rows: every block reads a column strip of the weights once */
-    O4G_PATH_TILED = 1   /* many rows: 64x64 output tiles, weights dequantized into shared memory */
+    O4G_PATH_TILED = 1,  /* many rows: 64x64 output tiles, weights dequantized into shared memory */
+    O4G_PATH_EXLLAMA = 2 /* vLLM 0.3.3's kernel family and the Opt4GPTQ switches (gemm_exllama.cuh) */
+};
+
+/* Opt4GPTQ switches for O4G_PATH_EXLLAMA, as a bitmask. */
+enum o4g_variant_flag {
+    O4G_SMB = 1, /* shared-memory reduction of K-slices; no global atomics */
+    O4G_VML = 2, /* 16-byte activation loads */
+    O4G_ILA = 4  /* packed-half FMA/add as inline assembly */
 };
 
 typedef struct o4g_gemm_args {
@@ -38,6 +46,7 @@ typedef struct o4g_gemm_args {
     int32_t bits;            /* 2, 3, 4 or 8 */
     int32_t zero_offset;     /* 1 for GPTQ v1 (stored zero is zero - 1), 0 for v2 */
     int32_t path;            /* enum o4g_path */
+    int32_t variant;         /* o4g_variant_flag bits; O4G_PATH_EXLLAMA only. 0 = vLLM 0.3.3 baseline */
     int32_t device;          /* device ordinal the pointers live on */
 } o4g_gemm_args;
 

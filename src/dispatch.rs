@@ -1,9 +1,16 @@
-//! Which kernel serves a GEMM of a given shape: the one table of that choice.
+//! Which kernel serves a GEMM: the one table of that choice.
 //!
-//! Skinny (decode) reads each weight word once per 8 activation rows; tiled
-//! (prefill) dequantizes a weight tile once per 64 rows. The crossover below
-//! is provisional until benchmarks/bench_gemm.py measures it on each GPU.
+//! - skinny: few rows; our deterministic column-strip kernel. Serves the g_idx
+//!   ("alt", use_exllama=False) path and whatever the exllama family cannot.
+//! - exllama: vLLM 0.3.3's kernel family for use_exllama=True, with the
+//!   Opt4GPTQ switches of the chosen variant (csrc/gptq/gemm_exllama.cuh).
+//! - tiled: many rows; weights dequantized per 64x64 tile, fp32 FMAs.
+//!
+//! Row limits follow vLLM 0.3.3 (exllama up to 50 rows, 24 for 8-bit; the alt
+//! kernel for few rows). They are provisional until benchmarks/bench_gemm.py
+//! measures the crossovers on each GPU.
 
+use crate::error::{Error, Result};
 use crate::quant::GemmShape;
 
 /// Mirrors enum o4g_path in csrc/opt4gptq.h.
@@ -12,28 +19,149 @@ use crate::quant::GemmShape;
 pub enum KernelPath {
     Skinny = 0,
     Tiled = 1,
+    Exllama = 2,
 }
 
 impl KernelPath {
+    pub const ALL: [KernelPath; 3] = [KernelPath::Skinny, KernelPath::Tiled, KernelPath::Exllama];
+
     pub fn name(self) -> &'static str {
         match self {
             KernelPath::Skinny => "skinny",
             KernelPath::Tiled => "tiled",
+            KernelPath::Exllama => "exllama",
         }
     }
 
-    pub fn parse(name: &str) -> Option<KernelPath> {
-        match name {
-            "skinny" => Some(KernelPath::Skinny),
-            "tiled" => Some(KernelPath::Tiled),
-            _ => None,
-        }
+    pub fn parse(name: &str) -> Result<KernelPath> {
+        KernelPath::ALL
+            .into_iter()
+            .find(|path| path.name() == name)
+            .ok_or_else(|| Error::value(format!("path must be 'skinny', 'tiled' or 'exllama'; got {name:?}")))
     }
 }
 
-/// Largest M served by the skinny kernel.
+/// The paper's ablation: vLLM 0.3.3's kernel and the three optimizations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Baseline,
+    Smb,
+    Vml,
+    Ila,
+    Opt4gptq,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 5] = [Variant::Baseline, Variant::Smb, Variant::Vml, Variant::Ila, Variant::Opt4gptq];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Baseline => "baseline",
+            Variant::Smb => "smb",
+            Variant::Vml => "vml",
+            Variant::Ila => "ila",
+            Variant::Opt4gptq => "opt4gptq",
+        }
+    }
+
+    /// o4g_variant_flag bits (csrc/opt4gptq.h): 1 SMB, 2 VML, 4 ILA.
+    pub fn flags(self) -> i32 {
+        match self {
+            Variant::Baseline => 0,
+            Variant::Smb => 1,
+            Variant::Vml => 2,
+            Variant::Ila => 4,
+            Variant::Opt4gptq => 7,
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Variant> {
+        let names: Vec<_> = Variant::ALL.iter().map(|v| v.name()).collect();
+        Variant::ALL
+            .into_iter()
+            .find(|variant| variant.name() == name)
+            .ok_or_else(|| Error::value(format!("variant must be one of {names:?}; got {name:?}")))
+    }
+}
+
+/// The default variant of this build's platform. See README "Variants" for the measurements.
+pub const DEFAULT_VARIANT: Variant = Variant::Opt4gptq;
+// Why opt4gptq and not the fastest: on the H100 `vml` is up to 1.15x faster than
+// baseline at M >= 8, but like vLLM's kernel it adds fp16 atomics in arrival
+// order, so identical calls can differ in the last bit. The default must be
+// repeatable; opt4gptq is the fastest variant that is (README, "Variants").
+
+/// Largest M served by the skinny kernel when the exllama family does not apply.
 pub const SKINNY_MAX_ROWS: usize = 16;
 
-pub fn choose_path(shape: &GemmShape) -> KernelPath {
-    if shape.m <= SKINNY_MAX_ROWS { KernelPath::Skinny } else { KernelPath::Tiled }
+/// Largest M served by the exllama family (vLLM 0.3.3: 50, 24 for 8-bit).
+pub fn exllama_max_rows(bits: u32) -> usize {
+    if bits == 8 { 24 } else { 50 }
+}
+
+/// What the exllama family needs beyond the shape: no per-row g_idx, whole
+/// 32-row packs per group, and 16-byte aligned weights / 4-byte aligned output.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts {
+    pub use_exllama: bool,
+    pub has_g_idx: bool,
+    pub weights_aligned: bool,
+}
+
+fn exllama_applies(shape: &GemmShape, facts: &Facts) -> bool {
+    facts.use_exllama && !facts.has_g_idx && shape.group_size() % 32 == 0 && facts.weights_aligned
+}
+
+pub fn choose_path(shape: &GemmShape, facts: &Facts) -> KernelPath {
+    if exllama_applies(shape, facts) && shape.m <= exllama_max_rows(shape.bits) {
+        KernelPath::Exllama
+    } else if shape.m <= SKINNY_MAX_ROWS {
+        KernelPath::Skinny
+    } else {
+        KernelPath::Tiled
+    }
+}
+
+/// A forced path must still be one that computes the right function.
+pub fn check_forced_path(path: KernelPath, shape: &GemmShape, facts: &Facts) -> Result<()> {
+    if path == KernelPath::Exllama && !exllama_applies(shape, facts) {
+        return Err(Error::value(
+            "path='exllama' needs use_exllama=True, group size a multiple of 32 and 16-byte aligned b_q_weight",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(m: usize, bits: u32, groups: usize) -> GemmShape {
+        GemmShape { m, k: 4096, n: 4096, groups, bits, lda: 4096, zero_offset: 1 }
+    }
+
+    const EXLLAMA: Facts = Facts { use_exllama: true, has_g_idx: false, weights_aligned: true };
+    const ALT: Facts = Facts { use_exllama: false, has_g_idx: true, weights_aligned: true };
+
+    #[test]
+    fn table_follows_vllm_row_limits() {
+        assert_eq!(choose_path(&shape(1, 4, 32), &EXLLAMA), KernelPath::Exllama);
+        assert_eq!(choose_path(&shape(50, 4, 32), &EXLLAMA), KernelPath::Exllama);
+        assert_eq!(choose_path(&shape(51, 4, 32), &EXLLAMA), KernelPath::Tiled);
+        assert_eq!(choose_path(&shape(24, 8, 32), &EXLLAMA), KernelPath::Exllama);
+        assert_eq!(choose_path(&shape(25, 8, 32), &EXLLAMA), KernelPath::Tiled);
+        assert_eq!(choose_path(&shape(8, 4, 32), &ALT), KernelPath::Skinny);
+        assert_eq!(choose_path(&shape(17, 4, 32), &ALT), KernelPath::Tiled);
+        // Groups of 16 rows do not fill a pack: the exllama family cannot serve them.
+        assert_eq!(choose_path(&shape(4, 4, 256), &EXLLAMA), KernelPath::Skinny);
+    }
+
+    #[test]
+    fn names_round_trip_and_bad_names_are_refused() {
+        for variant in Variant::ALL {
+            assert_eq!(Variant::parse(variant.name()).unwrap(), variant);
+        }
+        assert!(Variant::parse("fast").unwrap_err().to_string().contains("variant must be one of"));
+        assert!(check_forced_path(KernelPath::Exllama, &shape(4, 4, 32), &ALT).is_err());
+    }
 }

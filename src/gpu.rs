@@ -22,6 +22,7 @@ struct GemmArgs {
     bits: i32,
     zero_offset: i32,         // 1: v1, 0: v2
     path: i32,                // o4g_path
+    variant: i32,             // o4g_variant_flag bits (exllama path)
     device: i32,              // device ordinal of every pointer above
 }
 
@@ -71,7 +72,7 @@ pub struct DevicePointers {
     pub out: *mut c_void,
 }
 
-pub fn gemm(shape: &GemmShape, ptrs: &DevicePointers, path: i32, device: i32, stream: usize) -> Result<()> {
+pub fn gemm(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, device: i32, stream: usize) -> Result<()> {
     let args = GemmArgs {
         a: ptrs.a,
         qweight: ptrs.qweight,
@@ -88,6 +89,7 @@ pub fn gemm(shape: &GemmShape, ptrs: &DevicePointers, path: i32, device: i32, st
         bits: shape.bits as i32,
         zero_offset: shape.zero_offset,
         path,
+        variant,
         device,
     };
     status(unsafe { o4g_gemm(&args, stream as *mut c_void) }, "gptq_gemm")

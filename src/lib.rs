@@ -13,9 +13,9 @@ pub mod tensor;
 
 use pyo3::prelude::*;
 
-/// Low-level gptq_gemm on DLPack capsules; returns the kernel path that ran.
+/// Low-level gptq_gemm on DLPack capsules; returns the kernel that ran.
 #[pyfunction]
-#[pyo3(signature = (a, b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, out, use_exllama, bit, use_v2_format, path, stream))]
+#[pyo3(signature = (a, b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, out, use_exllama, bit, use_v2_format, path, variant, stream))]
 #[allow(clippy::too_many_arguments)]
 fn gemm<'py>(
     py: Python<'py>,
@@ -29,8 +29,9 @@ fn gemm<'py>(
     bit: i64,
     use_v2_format: bool,
     path: Option<String>,
+    variant: Option<String>,
     stream: usize,
-) -> PyResult<&'static str> {
+) -> PyResult<String> {
     let call = ops::GemmCall {
         a,
         qweight: b_q_weight,
@@ -42,6 +43,7 @@ fn gemm<'py>(
         bit,
         use_v2_format,
         path,
+        variant,
         stream,
     };
     Ok(ops::gemm(py, call)?)
@@ -51,6 +53,18 @@ fn gemm<'py>(
 #[pyfunction]
 fn permute_rows(py: Python<'_>, src: Bound<'_, PyAny>, dst: Bound<'_, PyAny>, perm: Bound<'_, PyAny>, bit: i64, stream: usize) -> PyResult<()> {
     Ok(ops::permute_rows(py, &src, &dst, &perm, bit, stream)?)
+}
+
+/// The Opt4GPTQ variants, in ablation order.
+#[pyfunction]
+fn variants() -> Vec<&'static str> {
+    dispatch::Variant::ALL.iter().map(|v| v.name()).collect()
+}
+
+/// The variant used when neither variant= nor OPT4GPTQ_VARIANT names one.
+#[pyfunction]
+fn default_variant() -> &'static str {
+    dispatch::DEFAULT_VARIANT.name()
 }
 
 /// "cpu", "cuda" or "rocm": what this build was compiled for.
@@ -94,6 +108,8 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gemm, m)?)?;
     m.add_function(wrap_pyfunction!(permute_rows, m)?)?;
     m.add_function(wrap_pyfunction!(backend, m)?)?;
+    m.add_function(wrap_pyfunction!(variants, m)?)?;
+    m.add_function(wrap_pyfunction!(default_variant, m)?)?;
     m.add_function(wrap_pyfunction!(devices, m)?)?;
     m.add_function(wrap_pyfunction!(stream_synchronize, m)?)?;
     Ok(())

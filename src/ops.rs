@@ -1,7 +1,7 @@
 //! gptq_gemm and the row permutation behind gptq_shuffle: import, validate, dispatch.
 
 use crate::cpu;
-use crate::dispatch::{KernelPath, choose_path};
+use crate::dispatch::{DEFAULT_VARIANT, Facts, KernelPath, Variant, check_forced_path, choose_path};
 use crate::error::{Error, Result};
 use crate::meta::Device;
 use crate::quant::{self, GemmMetas, check_bits, check_gemm, check_group_indices, check_permutation, check_shuffle};
@@ -20,8 +20,10 @@ pub struct GemmCall<'py> {
     pub use_exllama: bool,
     pub bit: i64,
     pub use_v2_format: bool,
-    /// Kernel path override ("skinny"/"tiled"); None lets dispatch choose.
+    /// Kernel path override ("skinny"/"tiled"/"exllama"); None lets dispatch choose.
     pub path: Option<String>,
+    /// Opt4GPTQ variant name; None: the platform default.
+    pub variant: Option<String>,
     pub stream: usize,
 }
 
@@ -40,7 +42,8 @@ fn without_gil<T: Send>(py: Python<'_>, work: impl FnOnce() -> T + Send) -> T {
     py.detach(work)
 }
 
-pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<&'static str> {
+/// Returns which kernel ran: "cpu", "skinny", "tiled" or "exllama/<variant>".
+pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
     let a = Imported::from_py("a", &call.a)?;
     let qweight = Imported::from_py("b_q_weight", &call.qweight)?;
     let qzeros = Imported::from_py("b_gptq_qzeros", &call.qzeros)?;
@@ -60,14 +63,23 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<&'static str> {
         call.bit,
         call.use_v2_format,
     )?;
-    let path = match call.path.as_deref() {
-        None => choose_path(&shape),
-        Some(name) => KernelPath::parse(name)
-            .ok_or_else(|| Error::value(format!("path must be 'skinny' or 'tiled'; got {name:?}")))?,
-    };
+    let variant = call.variant.as_deref().map_or(Ok(DEFAULT_VARIANT), Variant::parse)?;
     // With exllama the index tensor is the act-order permutation that
     // gptq_shuffle already applied to the weight rows; otherwise it is g_idx.
     let (groups_of_rows, permutation) = if call.use_exllama { (None, g_idx.as_ref()) } else { (g_idx.as_ref(), None) };
+    let facts = Facts {
+        use_exllama: call.use_exllama,
+        has_g_idx: groups_of_rows.is_some(),
+        weights_aligned: (qweight.ptr() as usize) % 16 == 0 && (out.ptr() as usize) % 4 == 0,
+    };
+    let path = match call.path.as_deref() {
+        None => choose_path(&shape, &facts),
+        Some(name) => {
+            let path = KernelPath::parse(name)?;
+            check_forced_path(path, &shape, &facts)?;
+            path
+        }
+    };
 
     let device = a.meta.device;
     match device {
@@ -95,9 +107,13 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<&'static str> {
             let out_values = unsafe { out.host_slice_mut::<f16>() };
             without_gil(py, || cpu::gemm(&problem, out_values));
         }
-        _ => gpu_gemm(&shape, &a, &qweight, &qzeros, &scales, groups_of_rows, permutation, &out, path, call.stream)?,
+        _ => gpu_gemm(&shape, &a, &qweight, &qzeros, &scales, groups_of_rows, permutation, &out, path, variant, call.stream)?,
     }
-    Ok(if device == Device::Cpu { "cpu" } else { path.name() })
+    Ok(match (device, path) {
+        (Device::Cpu, _) => "cpu".to_string(),
+        (_, KernelPath::Exllama) => format!("exllama/{}", variant.name()),
+        (_, path) => path.name().to_string(),
+    })
 }
 
 #[cfg(o4g_gpu)]
@@ -112,6 +128,7 @@ fn gpu_gemm(
     perm: Option<&Imported>,
     out: &Imported,
     path: KernelPath,
+    variant: Variant,
     stream: usize,
 ) -> Result<()> {
     let device = a.meta.device;
@@ -128,7 +145,7 @@ fn gpu_gemm(
         perm: perm.map_or(null, |t| t.ptr().cast()),
         out: out.ptr(),
     };
-    crate::gpu::gemm(shape, &ptrs, path as i32, device.ordinal(), stream)
+    crate::gpu::gemm(shape, &ptrs, path as i32, variant.flags(), device.ordinal(), stream)
 }
 
 #[cfg(not(o4g_gpu))]
@@ -143,6 +160,7 @@ fn gpu_gemm(
     _perm: Option<&Imported>,
     _out: &Imported,
     _path: KernelPath,
+    _variant: Variant,
     _stream: usize,
 ) -> Result<()> {
     Err(unsupported_device("a", a.meta.device))

@@ -123,7 +123,7 @@ def test_not_an_array(args):
 
 
 def test_forced_path_name(args):
-    with pytest.raises(ValueError, match="path must be 'skinny' or 'tiled'"):
+    with pytest.raises(ValueError, match="path must be .skinny., .tiled. or .exllama."):
         call(args, path="fast")
 
 
@@ -193,3 +193,13 @@ def test_mixed_devices_are_refused(args):
     fake_out = FakeCudaArray(np.empty((4, 64), np.float16))
     with pytest.raises(ValueError, match="out is on cuda:0 but a is on cpu"):
         call(args, out=fake_out)
+
+
+def test_unknown_variant(args):
+    with pytest.raises(ValueError, match="variant must be one of"):
+        call(args, variant="turbo")
+
+
+def test_exllama_path_refused_where_it_cannot_compute(args):
+    with pytest.raises(ValueError, match="path='exllama' needs use_exllama=True"):
+        call(args, path="exllama")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import opt4gptq
-from conftest import (assert_matches_reference, gpu_skip_reason, make_problem, run_op, torch_library)
+from conftest import (Problem, assert_matches_reference, gpu_skip_reason, make_problem, run_op, torch_library)
 
 _reason = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
@@ -105,8 +105,8 @@ def test_cuda_graph_replay_equals_eager(m):
     a.copy_(torch.from_numpy(fresh.a))
     graph.replay()
     torch.cuda.synchronize()
-    problem.a = fresh.a
-    assert_matches_reference(out.cpu().numpy(), problem)
+    replayed = Problem(a=fresh.a, t=t, use_exllama=True, seed=fresh.seed, kernel=opt4gptq.last_kernel())
+    assert_matches_reference(out.cpu().numpy(), replayed)
 
 
 def test_two_streams_in_parallel():

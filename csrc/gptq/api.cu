@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <string>
 
+#include "gemm_exllama.cuh"
 #include "gemm_skinny.cuh"
 #include "gemm_tiled.cuh"
 #include "permute.cuh"
@@ -86,9 +87,16 @@ cudaError_t launch_skinny_rows(const o4g::GemmParams &p, cudaStream_t stream)
 }
 
 template <int BITS>
-int launch_gemm(const o4g::GemmParams &p, int path, cudaStream_t stream)
+int launch_gemm(const o4g::GemmParams &p, int path, int variant, cudaStream_t stream)
 {
     switch (path) {
+    case O4G_PATH_EXLLAMA: {
+        if (p.g_idx != nullptr || p.group_size % 32 != 0)
+            return fail(O4G_ERR_ARGS, "the exllama path needs contiguous groups of a multiple of 32 rows");
+        const cudaError_t error = o4g::launch_exllama<BITS>(p, variant, stream);
+        if (error == cudaErrorInvalidValue) return fail(O4G_ERR_UNSUPPORTED, "no kernel for variant flags " + std::to_string(variant));
+        return check(error, "gemm_exllama launch");
+    }
     case O4G_PATH_SKINNY: return check(launch_skinny_rows<BITS>(p, stream), "gemm_skinny launch");
     case O4G_PATH_TILED: return check(o4g::launch_tiled<BITS>(p, stream), "gemm_tiled launch");
     default: return fail(O4G_ERR_UNSUPPORTED, "unknown kernel path " + std::to_string(path));
@@ -109,10 +117,10 @@ extern "C" int o4g_gemm(const o4g_gemm_args *args, void *stream_handle)
     const o4g::GemmParams p = to_params(*args);
     const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
     switch (args->bits) {
-    case 2: return launch_gemm<2>(p, args->path, stream);
-    case 3: return launch_gemm<3>(p, args->path, stream);
-    case 4: return launch_gemm<4>(p, args->path, stream);
-    case 8: return launch_gemm<8>(p, args->path, stream);
+    case 2: return launch_gemm<2>(p, args->path, args->variant, stream);
+    case 3: return launch_gemm<3>(p, args->path, args->variant, stream);
+    case 4: return launch_gemm<4>(p, args->path, args->variant, stream);
+    case 8: return launch_gemm<8>(p, args->path, args->variant, stream);
     default: return fail(O4G_ERR_UNSUPPORTED, "bits must be 2, 3, 4 or 8");
     }
 }

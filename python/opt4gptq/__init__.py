@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import List
 
 from . import _C
-from .ops import gptq_gemm, gptq_shuffle
+from .ops import gptq_gemm, gptq_shuffle, last_kernel
 
 __version__: str = _C.__version__
 
-__all__ = ["__version__", "backend", "devices", "gptq_gemm", "gptq_shuffle", "pack"]
+__all__ = ["__version__", "backend", "default_variant", "devices", "gptq_gemm", "gptq_shuffle", "last_kernel", "pack", "variants"]
 
 
 def backend() -> str:
@@ -27,6 +27,17 @@ def backend() -> str:
 def devices() -> List[str]:
     """Names of the GPUs this build can use; empty for a CPU build or without a GPU."""
     return list(_C.devices())
+
+
+def variants() -> List[str]:
+    """The kernel variants of the Opt4GPTQ ablation: baseline (vLLM 0.3.3's
+    algorithm), smb, vml, ila, and opt4gptq (all three)."""
+    return list(_C.variants())
+
+
+def default_variant() -> str:
+    """The variant used when neither ``variant=`` nor ``OPT4GPTQ_VARIANT`` names one."""
+    return _C.default_variant()
 
 
 def __getattr__(name: str):

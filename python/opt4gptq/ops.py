@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any, Optional
 
 from . import _C
 from ._frameworks import capsule, copy_of, empty_like, is_absent, launch_for, library_of, shape_of
 
 _SUPPORTED_BITS = (2, 3, 4, 8)
+_last = threading.local()
+
+
+def last_kernel() -> Optional[str]:
+    """Which kernel served this thread's last gptq_gemm: "cpu", "skinny", "tiled"
+    or "exllama/<variant>" (diagnostics and tests)."""
+    return getattr(_last, "kernel", None)
 
 
 def _check_bit(bit: int) -> int:
@@ -76,6 +85,7 @@ def gptq_gemm(
     *,
     out: Any = None,
     path: Optional[str] = None,
+    variant: Optional[str] = None,
 ) -> Any:
     """``a @ dequantize(b)`` for GPTQ-packed weights, as vLLM's ``ops.gptq_gemm``.
 
@@ -90,7 +100,9 @@ def gptq_gemm(
 
     use_v2_format: zero points are stored as-is (v2) instead of minus one (v1).
     out: optional float16 ``[M, N]`` to write into (fully overwritten).
-    path: force a kernel ("skinny" or "tiled"); None lets the dispatch table choose.
+    path: force a kernel ("skinny", "tiled" or "exllama"); None lets the dispatch table choose.
+    variant: the Opt4GPTQ variant of the exllama kernels (see :func:`opt4gptq.variants`);
+    None reads ``OPT4GPTQ_VARIANT``, then falls back to the platform default.
 
     Returns ``[M, N]`` float16 from the caller's library, on its device; GPU
     work is queued on the caller's current stream without synchronizing.
@@ -108,7 +120,9 @@ def gptq_gemm(
     if out is None:
         out = empty_like(a, (m, n), "float16")
     launch = launch_for(a)
-    _C.gemm(
+    if variant is None:
+        variant = os.environ.get("OPT4GPTQ_VARIANT") or None
+    _last.kernel = _C.gemm(
         capsule(a, launch),
         capsule(b_q_weight, launch),
         capsule(b_gptq_qzeros, launch),
@@ -119,6 +133,7 @@ def gptq_gemm(
         bit,
         bool(use_v2_format),
         path,
+        variant,
         launch.stream,
     )
     if launch.synchronize_after:

@@ -3,3 +3,10 @@
 #include <cuda_fp16.h>
 
 #define O4G_PLATFORM "cuda"
+
+#include "../asm/packed_half_ptx.cuh"
+
+namespace o4g {
+// Native half2 atomic add (sm_60+).
+__device__ __forceinline__ void atomic_add_half2(__half2 *address, __half2 value) { atomicAdd(address, value); }
+}  // namespace o4g

@@ -16,3 +16,22 @@
 #define cudaGetDeviceProperties hipGetDeviceProperties
 #define cudaDeviceProp hipDeviceProp_t
 #define cudaStreamSynchronize hipStreamSynchronize
+#define cudaMemsetAsync hipMemsetAsync
+#define cudaErrorInvalidValue hipErrorInvalidValue
+
+#include "../asm/packed_half_gfx9.cuh"
+
+namespace o4g {
+// gfx9 has no half2 atomic add: a compare-and-swap loop on the 32-bit word.
+__device__ __forceinline__ void atomic_add_half2(__half2 *address, __half2 value)
+{
+    unsigned int *word = reinterpret_cast<unsigned int *>(address);
+    unsigned int observed = *word;
+    unsigned int assumed;
+    do {
+        assumed = observed;
+        __half2 sum = __hadd2(*reinterpret_cast<__half2 *>(&assumed), value);
+        observed = atomicCAS(word, assumed, *reinterpret_cast<unsigned int *>(&sum));
+    } while (observed != assumed);
+}
+}  // namespace o4g
