@@ -48,8 +48,11 @@ def min_bytes(m: int, k: int, n: int, bits: int, group_size: int) -> int:
 
 
 def git_commit() -> str:
+    """OPT4GPTQ_COMMIT (for copies of the tree without .git), else git's HEAD."""
+    if os.environ.get("OPT4GPTQ_COMMIT"):
+        return os.environ["OPT4GPTQ_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(os.path.abspath(__file__))).strip()
     except Exception:
         return "unknown"

@@ -84,12 +84,14 @@ impl Variant {
     }
 }
 
-/// The default variant of this build's platform. See README "Variants" for the measurements.
+/// The variant used when the caller names none.
+///
+/// Not simply the fastest: on the H100 `vml` is up to 1.15x faster than
+/// baseline at M >= 8, but like vLLM's kernel it adds fp16 atomics in arrival
+/// order, so identical calls can differ in the last bit. The default must be
+/// repeatable; opt4gptq is the fastest variant that is (README, "Variants").
+/// On ROCm it is unmeasured: opt4gptq is the paper's choice for the DCU.
 pub const DEFAULT_VARIANT: Variant = Variant::Opt4gptq;
-// Why opt4gptq and not the fastest: on the H100 `vml` is up to 1.15x faster than
-// baseline at M >= 8, but like vLLM's kernel it adds fp16 atomics in arrival
-// order, so identical calls can differ in the last bit. The default must be
-// repeatable; opt4gptq is the fastest variant that is (README, "Variants").
 
 /// Largest M served by the skinny kernel when the exllama family does not apply.
 pub const SKINNY_MAX_ROWS: usize = 16;
