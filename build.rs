@@ -25,6 +25,7 @@ const HEADERS: &[&str] = &[
     "csrc/compat/asm/packed_half_gfx9.cuh",
     "csrc/gptq/gemm_exllama.cuh",
     "csrc/gptq/common.cuh",
+    "csrc/gptq/dequantize.cuh",
     "csrc/gptq/gemm_skinny.cuh",
     "csrc/gptq/gemm_tiled.cuh",
     "csrc/gptq/permute.cuh",
@@ -149,6 +150,10 @@ fn build_rocm() {
         fail(&format!("{} --version failed: the HIP toolchain is not usable", hipcc.display()));
     }
 
+    // hipcc picks NVIDIA as its platform when it sees nvcc on PATH: say AMD.
+    // SAFETY: build scripts are single-threaded.
+    unsafe { env::set_var("HIP_PLATFORM", "amd") };
+    println!("cargo:rerun-if-env-changed=HIP_PLATFORM");
     let mut build = cc::Build::new();
     build.compiler(&hipcc).cpp(true).flag("-x").flag("hip").flag("-O3").flag("-std=c++17").flag("-fPIC");
     for arch in arch_list("OPT4GPTQ_ROCM_ARCHS", "gfx906;gfx90a") {

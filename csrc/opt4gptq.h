@@ -53,6 +53,11 @@ typedef struct o4g_gemm_args {
 /* out = a[:, perm] @ dequant(qweight) on `stream` (cudaStream_t / hipStream_t). */
 int o4g_gemm(const o4g_gemm_args *args, void *stream);
 
+/* Dense fp16 weights [k, n] for a vendor GEMM: row perm[r] (or r) = dequantized row r.
+ * Uses args' qweight, qzeros, scales, g_idx, perm, k, n, groups, bits, zero_offset, device;
+ * writes `weights` (contiguous [k, n] fp16) instead of `out`. */
+int o4g_dequantize(const o4g_gemm_args *args, void *weights, void *stream);
+
 /* dst row r (unpacked) = src row perm[r]; src and dst are distinct [k * bits / 32, n] buffers. */
 int o4g_permute_rows(const int32_t *src, int32_t *dst, const int32_t *perm, int64_t k, int64_t n,
                      int32_t bits, int32_t device, void *stream);

@@ -101,6 +101,12 @@ pub fn exllama_max_rows(bits: u32) -> usize {
     if bits == 8 { 24 } else { 50 }
 }
 
+/// Above this many rows a torch caller gets dequantize + torch.matmul (cuBLAS /
+/// hipBLAS), as vLLM does: 50 (24 for 8-bit) on the exllama path, 16 on the g_idx path.
+pub fn dense_min_rows(bits: u32, use_exllama: bool) -> usize {
+    1 + if use_exllama { exllama_max_rows(bits) } else { SKINNY_MAX_ROWS }
+}
+
 /// What the exllama family needs beyond the shape: no per-row g_idx, whole
 /// 32-row packs per group, and 16-byte aligned weights / 4-byte aligned output.
 #[derive(Debug, Clone, Copy)]

@@ -28,6 +28,7 @@ struct GemmArgs {
 
 unsafe extern "C" {
     fn o4g_gemm(args: *const GemmArgs, stream: *mut c_void) -> i32;
+    fn o4g_dequantize(args: *const GemmArgs, weights: *mut c_void, stream: *mut c_void) -> i32;
     fn o4g_permute_rows(
         src: *const i32,      // int32 [k * bits / 32, n], device memory
         dst: *mut i32,        // same shape, distinct buffer
@@ -72,8 +73,8 @@ pub struct DevicePointers {
     pub out: *mut c_void,
 }
 
-pub fn gemm(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, device: i32, stream: usize) -> Result<()> {
-    let args = GemmArgs {
+fn gemm_args(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, device: i32) -> GemmArgs {
+    GemmArgs {
         a: ptrs.a,
         qweight: ptrs.qweight,
         qzeros: ptrs.qzeros,
@@ -91,8 +92,17 @@ pub fn gemm(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, d
         path,
         variant,
         device,
-    };
+    }
+}
+
+pub fn gemm(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, device: i32, stream: usize) -> Result<()> {
+    let args = gemm_args(shape, ptrs, path, variant, device);
     status(unsafe { o4g_gemm(&args, stream as *mut c_void) }, "gptq_gemm")
+}
+
+pub fn dequantize(shape: &GemmShape, ptrs: &DevicePointers, weights: *mut c_void, device: i32, stream: usize) -> Result<()> {
+    let args = gemm_args(shape, ptrs, 0, 0, device);
+    status(unsafe { o4g_dequantize(&args, weights, stream as *mut c_void) }, "gptq_gemm (dequantize)")
 }
 
 #[allow(clippy::too_many_arguments)]

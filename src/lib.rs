@@ -49,6 +49,46 @@ fn gemm<'py>(
     Ok(ops::gemm(py, call)?)
 }
 
+/// Low-level dequantize to dense fp16 [K, N] weights (rows in activation order).
+#[pyfunction]
+#[pyo3(signature = (a, b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, weights, use_exllama, bit, use_v2_format, stream))]
+#[allow(clippy::too_many_arguments)]
+fn dequantize<'py>(
+    py: Python<'py>,
+    a: Bound<'py, PyAny>,
+    b_q_weight: Bound<'py, PyAny>,
+    b_gptq_qzeros: Bound<'py, PyAny>,
+    b_gptq_scales: Bound<'py, PyAny>,
+    b_g_idx: Option<Bound<'py, PyAny>>,
+    weights: Bound<'py, PyAny>,
+    use_exllama: bool,
+    bit: i64,
+    use_v2_format: bool,
+    stream: usize,
+) -> PyResult<()> {
+    let call = ops::GemmCall {
+        a,
+        qweight: b_q_weight,
+        qzeros: b_gptq_qzeros,
+        scales: b_gptq_scales,
+        g_idx: b_g_idx,
+        out: weights,
+        use_exllama,
+        bit,
+        use_v2_format,
+        path: None,
+        variant: None,
+        stream,
+    };
+    Ok(ops::dequantize(py, call)?)
+}
+
+/// Rows above which a torch GPU caller is served by dequantize + torch.matmul.
+#[pyfunction]
+fn dense_min_rows(bit: u32, use_exllama: bool) -> usize {
+    dispatch::dense_min_rows(bit, use_exllama)
+}
+
 /// Low-level row permutation of packed weights (the work of gptq_shuffle).
 #[pyfunction]
 fn permute_rows(py: Python<'_>, src: Bound<'_, PyAny>, dst: Bound<'_, PyAny>, perm: Bound<'_, PyAny>, bit: i64, stream: usize) -> PyResult<()> {
@@ -107,6 +147,8 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SKINNY_MAX_ROWS", dispatch::SKINNY_MAX_ROWS)?;
     m.add_function(wrap_pyfunction!(gemm, m)?)?;
     m.add_function(wrap_pyfunction!(permute_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dense_min_rows, m)?)?;
     m.add_function(wrap_pyfunction!(backend, m)?)?;
     m.add_function(wrap_pyfunction!(variants, m)?)?;
     m.add_function(wrap_pyfunction!(default_variant, m)?)?;

@@ -59,6 +59,7 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
             scales: &scales.meta,
             g_idx: g_idx.as_ref().map(|g| &g.meta),
             out: &out.meta,
+            out_is_weights: false,
         },
         call.bit,
         call.use_v2_format,
@@ -164,6 +165,78 @@ fn gpu_gemm(
     _stream: usize,
 ) -> Result<()> {
     Err(unsupported_device("a", a.meta.device))
+}
+
+/// Dense fp16 weights [K, N] in the activations' row order, for a vendor GEMM.
+/// `a` is the call's activations: only validated, never read.
+pub fn dequantize(py: Python<'_>, call: GemmCall<'_>) -> Result<()> {
+    let _ = py;
+    let a = Imported::from_py("a", &call.a)?;
+    let qweight = Imported::from_py("b_q_weight", &call.qweight)?;
+    let qzeros = Imported::from_py("b_gptq_qzeros", &call.qzeros)?;
+    let scales = Imported::from_py("b_gptq_scales", &call.scales)?;
+    let g_idx = import_optional("b_g_idx", call.g_idx.as_ref())?;
+    let weights = Imported::from_py("weights", &call.out)?;
+    weights.expect_writable()?;
+    let shape = check_gemm(
+        &GemmMetas {
+            a: &a.meta,
+            qweight: &qweight.meta,
+            qzeros: &qzeros.meta,
+            scales: &scales.meta,
+            g_idx: g_idx.as_ref().map(|g| &g.meta),
+            out: &weights.meta,
+            out_is_weights: true,
+        },
+        call.bit,
+        call.use_v2_format,
+    )?;
+    let (groups_of_rows, permutation) = if call.use_exllama { (None, g_idx.as_ref()) } else { (g_idx.as_ref(), None) };
+    gpu_dequantize(&shape, &qweight, &qzeros, &scales, groups_of_rows, permutation, &weights, call.stream)
+}
+
+#[cfg(o4g_gpu)]
+#[allow(clippy::too_many_arguments)]
+fn gpu_dequantize(
+    shape: &quant::GemmShape,
+    qweight: &Imported,
+    qzeros: &Imported,
+    scales: &Imported,
+    g_idx: Option<&Imported>,
+    perm: Option<&Imported>,
+    weights: &Imported,
+    stream: usize,
+) -> Result<()> {
+    let device = qweight.meta.device;
+    if !crate::gpu::serves(device) {
+        return Err(unsupported_device("b_q_weight", device));
+    }
+    let null = std::ptr::null();
+    let ptrs = crate::gpu::DevicePointers {
+        a: std::ptr::null(),
+        qweight: qweight.ptr().cast(),
+        qzeros: qzeros.ptr().cast(),
+        scales: scales.ptr(),
+        g_idx: g_idx.map_or(null, |t| t.ptr().cast()),
+        perm: perm.map_or(null, |t| t.ptr().cast()),
+        out: std::ptr::null_mut(),
+    };
+    crate::gpu::dequantize(shape, &ptrs, weights.ptr(), device.ordinal(), stream)
+}
+
+#[cfg(not(o4g_gpu))]
+#[allow(clippy::too_many_arguments)]
+fn gpu_dequantize(
+    _shape: &quant::GemmShape,
+    qweight: &Imported,
+    _qzeros: &Imported,
+    _scales: &Imported,
+    _g_idx: Option<&Imported>,
+    _perm: Option<&Imported>,
+    _weights: &Imported,
+    _stream: usize,
+) -> Result<()> {
+    Err(unsupported_device("b_q_weight", qweight.meta.device))
 }
 
 /// dst row r = src row perm[r] (packed rows). src and dst must not overlap.

@@ -70,7 +70,9 @@ pub struct GemmMetas<'a> {
     pub qzeros: &'a TensorMeta,
     pub scales: &'a TensorMeta,
     pub g_idx: Option<&'a TensorMeta>,
+    /// The [M, N] output, or for dequantize the [K, N] dense weights (`out_is_weights`).
     pub out: &'a TensorMeta,
+    pub out_is_weights: bool,
 }
 
 fn to_usize(value: i64) -> usize {
@@ -128,7 +130,11 @@ pub fn check_gemm(t: &GemmMetas<'_>, bit: i64, use_v2_format: bool) -> Result<Ge
     if let Some(g_idx) = t.g_idx {
         g_idx.expect_shape(&[k], "one entry per input row K")?;
     }
-    t.out.expect_shape(&[m, n], "[M, N]")?;
+    if t.out_is_weights {
+        t.out.expect_shape(&[k, n], "[K, N] dense weights")?;
+    } else {
+        t.out.expect_shape(&[m, n], "[M, N]")?;
+    }
 
     let mut others = vec![t.qweight, t.qzeros, t.scales, t.out];
     others.extend(t.g_idx);
@@ -250,6 +256,7 @@ mod tests {
                     scales: &self.scales,
                     g_idx: self.g_idx.as_ref(),
                     out: &self.out,
+                    out_is_weights: false,
                 },
                 bits,
                 false,

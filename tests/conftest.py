@@ -155,7 +155,12 @@ def assert_matches_reference(out: np.ndarray, problem: Problem, rel_tol: Optiona
     per unit of the absolute sum. Defaults follow the kernel that ran: fp32
     accumulation, or the exllama family's fp16 partials."""
     kernel = problem.kernel or ""
-    if kernel.startswith("exllama/"):
+    if kernel == "dense":
+        # Weights rounded once to fp16, then torch.matmul, which by default lets
+        # cuBLAS reduce fp16 products in reduced precision: the exllama bounds.
+        rel_tol = HALF_REL_TOL if rel_tol is None else rel_tol
+        gamma = 3 * U + fp32_gamma(problem.t.k) if gamma is None else gamma
+    elif kernel.startswith("exllama/"):
         rel_tol = HALF_REL_TOL if rel_tol is None else rel_tol
         gamma = exllama_gamma(kernel.split("/", 1)[1], problem.t.k) if gamma is None else gamma
     rel_tol = REL_TOL if rel_tol is None else rel_tol

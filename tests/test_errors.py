@@ -203,3 +203,8 @@ def test_unknown_variant(args):
 def test_exllama_path_refused_where_it_cannot_compute(args):
     with pytest.raises(ValueError, match="path='exllama' needs use_exllama=True"):
         call(args, path="exllama")
+
+
+def test_dense_path_needs_torch_gpu_tensors(args):
+    with pytest.raises(ValueError, match="path='dense' needs torch GPU tensors"):
+        call(args, path="dense")

@@ -172,3 +172,52 @@ def test_bad_gpu_indices_are_refused_before_launch():
         opt4gptq.gptq_gemm(*cu, g_idx, False, 4)
     with pytest.raises(ValueError, match="must be a permutation"):
         opt4gptq.gptq_gemm(*cu, torch.from_numpy(t.g_idx).cuda(), True, 4)
+
+
+@pytest.mark.parametrize("use_exllama", [True, False], ids=["exllama", "alt"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m", [1, 64, 300])
+def test_dense_path(cuda, m, bits, use_exllama):
+    """Dequantize + torch.matmul, the many-rows path, forced at every size."""
+    problem = make_problem(m=m, k=1024, n=512, bits=bits, group_size=128, act_order=True, use_exllama=use_exllama)
+    assert_matches_reference(run_op(problem, cuda, path="dense"), problem)
+    assert problem.kernel == "dense"
+
+
+def test_many_rows_take_the_dense_path_and_capture_in_a_graph():
+    import torch
+
+    problem = make_problem(m=300, k=2048, n=1024, bits=4, group_size=128, act_order=True, use_exllama=True)
+    t = problem.t
+    perm = torch.from_numpy(problem.perm).cuda()
+    qweight = torch.from_numpy(t.qweight.copy()).cuda()
+    opt4gptq.gptq_shuffle(qweight, perm, 4)
+    args = [torch.from_numpy(problem.a).cuda(), qweight, torch.from_numpy(t.qzeros).cuda(),
+            torch.from_numpy(t.scales).cuda(), perm]
+    eager = opt4gptq.gptq_gemm(*args, True, 4).clone()
+    assert opt4gptq.last_kernel() == "dense"
+    out = torch.full_like(eager, float("nan"))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt4gptq.gptq_gemm(*args, True, 4, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    out.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt4gptq.gptq_gemm(*args, True, 4, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    problem.kernel = "dense"
+    assert_matches_reference(out.cpu().numpy(), problem)
+
+
+def test_dense_path_output_is_checked():
+    import torch
+
+    problem = make_problem(m=64, k=256, n=64, bits=4, group_size=64, act_order=False, use_exllama=False)
+    t = problem.t
+    cu = [torch.from_numpy(x).cuda() for x in (problem.a, t.qweight, t.qzeros, t.scales, t.g_idx)]
+    with pytest.raises(ValueError, match="out must be float16"):
+        opt4gptq.gptq_gemm(*cu, False, 4, out=torch.empty(64, 63, dtype=torch.float16, device="cuda"))

@@ -59,7 +59,9 @@ def gfx906(tmp_path_factory) -> dict:
     if missing:
         pytest.skip(f"ROCm disassembly needs {', '.join(missing)} (apt install hipcc libamdhip64-dev rocm-device-libs)")
     work = tmp_path_factory.mktemp("gfx906")
-    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, text=True)  # noqa: E731
+    # hipcc picks NVIDIA as its platform when nvcc is on PATH: say AMD.
+    env = dict(os.environ, HIP_PLATFORM="amd")
+    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)  # noqa: E731
     run(tools["hipcc"], "-x", "hip", "-O3", "-std=c++17", "--offload-arch=gfx906", "-c", str(SOURCE), "-o", str(work / "k.o"))
     run(tools["objcopy"], "-O", "binary", "--only-section=.hip_fatbin", str(work / "k.o"), str(work / "fat.bin"))
     run(tools["bundler"], "--unbundle", "--type=o", f"--input={work / 'fat.bin'}",

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <string>
 
+#include "dequantize.cuh"
 #include "gemm_exllama.cuh"
 #include "gemm_skinny.cuh"
 #include "gemm_tiled.cuh"
@@ -121,6 +122,26 @@ extern "C" int o4g_gemm(const o4g_gemm_args *args, void *stream_handle)
     case 3: return launch_gemm<3>(p, args->path, args->variant, stream);
     case 4: return launch_gemm<4>(p, args->path, args->variant, stream);
     case 8: return launch_gemm<8>(p, args->path, args->variant, stream);
+    default: return fail(O4G_ERR_UNSUPPORTED, "bits must be 2, 3, 4 or 8");
+    }
+}
+
+extern "C" int o4g_dequantize(const o4g_gemm_args *args, void *weights, void *stream_handle)
+{
+    if (!args) return fail(O4G_ERR_ARGS, "null arguments");
+    if (args->k == 0 || args->n == 0) return O4G_OK;
+    if (args->k % 32 != 0 || args->groups <= 0 || args->k % args->groups != 0)
+        return fail(O4G_ERR_ARGS, "k must be a multiple of 32 and of the group count");
+    DeviceScope scope(args->device);
+    if (scope.status() != cudaSuccess) return check(scope.status(), "select device");
+    const o4g::GemmParams p = to_params(*args);
+    auto *w = static_cast<__half *>(weights);
+    const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+    switch (args->bits) {
+    case 2: return check(o4g::launch_dequantize<2>(p, w, stream), "dequantize launch");
+    case 3: return check(o4g::launch_dequantize<3>(p, w, stream), "dequantize launch");
+    case 4: return check(o4g::launch_dequantize<4>(p, w, stream), "dequantize launch");
+    case 8: return check(o4g::launch_dequantize<8>(p, w, stream), "dequantize launch");
     default: return fail(O4G_ERR_UNSUPPORTED, "bits must be 2, 3, 4 or 8");
     }
 }

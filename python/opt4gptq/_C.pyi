@@ -19,6 +19,19 @@ def gemm(
     variant: Optional[str],
     stream: int,
 ) -> str: ...
+def dequantize(
+    a: Any,
+    b_q_weight: Any,
+    b_gptq_qzeros: Any,
+    b_gptq_scales: Any,
+    b_g_idx: Optional[Any],
+    weights: Any,
+    use_exllama: bool,
+    bit: int,
+    use_v2_format: bool,
+    stream: int,
+) -> None: ...
+def dense_min_rows(bit: int, use_exllama: bool) -> int: ...
 def permute_rows(src: Any, dst: Any, perm: Any, bit: int, stream: int) -> None: ...
 def backend() -> str: ...
 def variants() -> List[str]: ...

@@ -14,8 +14,8 @@ _last = threading.local()
 
 
 def last_kernel() -> Optional[str]:
-    """Which kernel served this thread's last gptq_gemm: "cpu", "skinny", "tiled"
-    or "exllama/<variant>" (diagnostics and tests)."""
+    """Which kernel served this thread's last gptq_gemm: "cpu", "skinny", "tiled",
+    "exllama/<variant>" or "dense" (dequantize + torch.matmul) (diagnostics and tests)."""
     return getattr(_last, "kernel", None)
 
 
@@ -100,7 +100,8 @@ def gptq_gemm(
 
     use_v2_format: zero points are stored as-is (v2) instead of minus one (v1).
     out: optional float16 ``[M, N]`` to write into (fully overwritten).
-    path: force a kernel ("skinny", "tiled" or "exllama"); None lets the dispatch table choose.
+    path: force a kernel ("skinny", "tiled", "exllama", or "dense" = dequantize +
+    torch.matmul, torch GPU tensors only); None lets the dispatch table choose.
     variant: the Opt4GPTQ variant of the exllama kernels (see :func:`opt4gptq.variants`);
     None reads ``OPT4GPTQ_VARIANT``, then falls back to the platform default.
 
@@ -122,6 +123,9 @@ def gptq_gemm(
     launch = launch_for(a)
     if variant is None:
         variant = os.environ.get("OPT4GPTQ_VARIANT") or None
+    if _wants_dense(a, m, bit, use_exllama, path):
+        _dense_gemm(a, b_q_weight, b_gptq_qzeros, b_gptq_scales, g_idx, out, use_exllama, bit, use_v2_format, launch)
+        return out
     _last.kernel = _C.gemm(
         capsule(a, launch),
         capsule(b_q_weight, launch),
@@ -139,6 +143,36 @@ def gptq_gemm(
     if launch.synchronize_after:
         _C.stream_synchronize(a.__dlpack_device__()[1], launch.stream)
     return out
+
+
+def _wants_dense(a: Any, m: int, bit: int, use_exllama: bool, path: Optional[str]) -> bool:
+    """Many rows on a torch GPU: dequantize once, then the vendor GEMM (as vLLM does)."""
+    if path is not None:
+        if path != "dense":
+            return False
+        if library_of(a) != "torch" or a.device.type != "cuda":
+            raise ValueError("path='dense' needs torch GPU tensors (it runs torch.matmul)")
+        return True
+    if library_of(a) != "torch" or a.device.type != "cuda":
+        return False
+    return m >= _C.dense_min_rows(bit, bool(use_exllama))
+
+
+def _dense_gemm(a, qweight, qzeros, scales, g_idx, out, use_exllama, bit, use_v2_format, launch) -> None:
+    import torch
+
+    m, k = shape_of(a, "a")
+    n = shape_of(qweight, "b_q_weight")[1]
+    if tuple(out.shape) != (m, n) or out.dtype != torch.float16 or out.device != a.device:
+        raise ValueError(f"out must be float16 [M, N] = [{m}, {n}] on {a.device}; "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+    # The workspace comes from torch's allocator (graph-safe, pooled), never from us.
+    weights = torch.empty((k, n), dtype=torch.float16, device=a.device)
+    _C.dequantize(capsule(a, launch), capsule(qweight, launch), capsule(qzeros, launch), capsule(scales, launch),
+                  None if g_idx is None else capsule(g_idx, launch), capsule(weights, launch),
+                  bool(use_exllama), bit, bool(use_v2_format), launch.stream)
+    torch.matmul(a, weights, out=out)
+    _last.kernel = "dense"
 
 
 def gptq_shuffle(q_weight: Any, q_perm: Any, bit: int) -> None:
