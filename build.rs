@@ -145,15 +145,15 @@ fn build_rocm() {
              Install ROCm (or HYGON DTK), or on Debian/Ubuntu: apt install hipcc libamdhip64-dev rocm-device-libs.",
         )
     });
+    // hipcc picks NVIDIA as its platform when it sees nvcc on PATH: say AMD.
+    // SAFETY: build scripts are single-threaded.
+    unsafe { env::set_var("HIP_PLATFORM", "amd") };
+    println!("cargo:rerun-if-env-changed=HIP_PLATFORM");
     // hipcc prints its version without compiling anything: a broken install fails here, clearly.
     if !Command::new(&hipcc).arg("--version").output().map(|out| out.status.success()).unwrap_or(false) {
         fail(&format!("{} --version failed: the HIP toolchain is not usable", hipcc.display()));
     }
 
-    // hipcc picks NVIDIA as its platform when it sees nvcc on PATH: say AMD.
-    // SAFETY: build scripts are single-threaded.
-    unsafe { env::set_var("HIP_PLATFORM", "amd") };
-    println!("cargo:rerun-if-env-changed=HIP_PLATFORM");
     let mut build = cc::Build::new();
     build.compiler(&hipcc).cpp(true).flag("-x").flag("hip").flag("-O3").flag("-std=c++17").flag("-fPIC");
     for arch in arch_list("OPT4GPTQ_ROCM_ARCHS", "gfx906;gfx90a") {

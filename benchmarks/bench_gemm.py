@@ -135,9 +135,13 @@ def run_gpu(args) -> dict:
                                                                         out=out, variant=v) for s in sets]
                     result[variant] = timer(calls)
                     result[f"{variant}_kernel"] = opt4gptq.last_kernel()
+                for path in args.paths:  # the other kernels, forced, for the dispatch table
+                    calls = [lambda s=s, p=path: opt4gptq.gptq_gemm(a, s[0], s[1], s[2], perm_t, True, args.bits,
+                                                                     out=out, path=p) for s in sets]
+                    result[f"path:{path}"] = timer(calls)
                 result["torch_fp16"] = timer([lambda w=w: torch.matmul(a, w, out=out) for w in dense])
                 rows.append(result)
-                line = "  ".join(f"{v} {result[v] * 1e6:8.1f}" for v in args.variants + ["torch_fp16"])
+                line = "  ".join(f"{v} {result[v] * 1e6:8.1f}" for v in args.variants + columns_of(args)[len(args.variants):])
                 print(f"{model:13s} {k:5d}x{n:<5d} M={m:<5d} {line}  (us)", flush=True)
             del sets, dense
             torch.cuda.empty_cache()
@@ -165,20 +169,26 @@ def run_cpu(args) -> dict:
     return {"device": f"cpu ({platform.processor() or platform.machine()})", "copy_bandwidth_gbs": None, "rows": rows}
 
 
+def columns_of(args) -> List[str]:
+    return args.variants + [f"path:{p}" for p in args.paths] + ["torch_fp16"]
+
+
 def summarize(report: dict, variants: List[str]) -> List[str]:
     """Per model and M: the four layers summed, speedup over baseline, % of bandwidth."""
     bw = report["copy_bandwidth_gbs"]
     lines = []
-    header = f"{'model':13s} {'M':>5s} " + " ".join(f"{v:>14s}" for v in variants + ["torch_fp16"])
+    extra = [key for key in report["rows"][0] if key.startswith("path:")] if report["rows"] else []
+    columns = variants + extra + ["torch_fp16"]
+    header = f"{'model':13s} {'M':>5s} " + " ".join(f"{v:>14s}" for v in columns)
     lines.append(header + ("   floor_us" if bw else ""))
     by_key: Dict[tuple, List[dict]] = {}
     for row in report["rows"]:
         by_key.setdefault((row["model"], row["m"]), []).append(row)
     for (model, m), layer_rows in by_key.items():
-        total = {v: sum(r[v] for r in layer_rows) for v in variants + ["torch_fp16"]}
+        total = {v: sum(r[v] for r in layer_rows) for v in columns}
         base = total.get("baseline")
         cells = []
-        for v in variants + ["torch_fp16"]:
+        for v in columns:
             speed = f"{base / total[v]:.2f}x" if base else ""
             cells.append(f"{total[v] * 1e6:8.1f} {speed:>5s}")
         floor = sum(r["bytes"] for r in layer_rows) / (bw * 1e9) * 1e6 if bw else None
@@ -237,6 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="all", help="comma list of " + ", ".join(MODELS) + " (default all)")
     parser.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="comma list of M")
     parser.add_argument("--variants", default=",".join(opt4gptq.variants()))
+    parser.add_argument("--paths", default="", help="also time these kernels forced (skinny, tiled, dense)")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--act-order", action="store_true", help="act-order weights (perm applied to activations)")
@@ -248,6 +259,7 @@ def main(argv=None) -> int:
     args.models = list(MODELS) if args.models == "all" else args.models.split(",")
     args.m = [int(x) for x in args.m.split(",")]
     args.variants = args.variants.split(",")
+    args.paths = [p for p in args.paths.split(",") if p]
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
 

@@ -101,10 +101,16 @@ pub fn exllama_max_rows(bits: u32) -> usize {
     if bits == 8 { 24 } else { 50 }
 }
 
-/// Above this many rows a torch caller gets dequantize + torch.matmul (cuBLAS /
-/// hipBLAS), as vLLM does: 50 (24 for 8-bit) on the exllama path, 16 on the g_idx path.
-pub fn dense_min_rows(bits: u32, use_exllama: bool) -> usize {
-    1 + if use_exllama { exllama_max_rows(bits) } else { SKINNY_MAX_ROWS }
+/// From this many rows on, a torch GPU caller gets dequantize + torch.matmul
+/// (cuBLAS / hipBLAS). Measured on the H100 (benchmarks/NOTES.md, Llama-2-7B
+/// layers summed): dequantize + GEMM costs ~455 us at any M <= 64, the exllama
+/// family (opt4gptq) 398 us at M=16 and 537 us at M=24 (crossover ~19), the
+/// skinny kernel 445 us at M=4 and 719 us at M=8 (crossover ~4).
+pub const DENSE_MIN_ROWS_EXLLAMA: usize = 20;
+pub const DENSE_MIN_ROWS_G_IDX: usize = 5;
+
+pub fn dense_min_rows(_bits: u32, use_exllama: bool) -> usize {
+    if use_exllama { DENSE_MIN_ROWS_EXLLAMA } else { DENSE_MIN_ROWS_G_IDX }
 }
 
 /// What the exllama family needs beyond the shape: no per-row g_idx, whole

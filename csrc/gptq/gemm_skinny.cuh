@@ -1,9 +1,10 @@
 // Few rows of activations (decode): the weights dominate the traffic, so every
 // weight word is read exactly once per M_TILE rows.
 //
-// Block = 32 columns x 8 K-slices. Each K-slice walks every 8th pack of 32 rows
-// for its column and keeps M_TILE fp32 partial sums in registers; the 8 slices
-// then meet in shared memory and one thread per (row, column) adds them in a
+// Block = 32 columns x 16 K-slices (512 threads: enough warps per SM to keep
+// weight loads in flight). Each K-slice walks every 16th pack of 32 rows for
+// its column and keeps M_TILE fp32 partial sums in registers; the slices then
+// meet in shared memory and one thread per (row, column) adds them in a
 // fixed order and stores the result. No atomics, no pre-zeroed output: the
 // result is the same bits on every call and safe to capture in a graph.
 #pragma once
@@ -12,7 +13,7 @@
 namespace o4g {
 
 constexpr int kSkinnyColumns = 32;
-constexpr int kSkinnySlices = 8;
+constexpr int kSkinnySlices = 16;
 constexpr int kSkinnyMaxRows = 8;  // M_TILE ceiling: one K-slice warp finishes each row
 
 template <int BITS, int M_TILE>
@@ -41,12 +42,15 @@ __global__ void __launch_bounds__(kSkinnyColumns * kSkinnySlices) gemm_skinny_ke
             for (int j = 0; j < BITS; ++j) words[j] = p.qweight[(pack * BITS + j) * p.n + column];
 
             // Decode the pack once: 32 weights and the activation column each one meets.
+            // Without g_idx and with whole packs per group, one division per pack.
+            const bool pack_in_one_group = p.g_idx == nullptr && p.group_size % 32 == 0;
+            const int pack_group = pack_in_one_group ? static_cast<int>((pack * 32) / p.group_size) : 0;
             float w[32];
-            int64_t source[32];
+            int32_t source[32];  // K < 2^31: 32-bit indices halve the registers
 #pragma unroll
             for (int r = 0; r < 32; ++r) {
                 const int64_t row = pack * 32 + r;
-                const int group = group_of_row(p, row);
+                const int group = pack_in_one_group ? pack_group : group_of_row(p, row);
                 if (group != cached_group) {
                     cached_group = group;
                     const bool valid = group_is_valid(p, group);
@@ -55,7 +59,7 @@ __global__ void __launch_bounds__(kSkinnyColumns * kSkinnySlices) gemm_skinny_ke
                 }
                 // scale (11-bit mantissa) times a 9-bit integer is exact in fp32.
                 w[r] = scale * static_cast<float>(static_cast<int>(unpack_from_words<BITS>(words, r)) - zero);
-                source[r] = activation_column(p, row, w[r]);
+                source[r] = static_cast<int32_t>(activation_column(p, row, w[r]));
             }
 #pragma unroll
             for (int i = 0; i < M_TILE; ++i) {
