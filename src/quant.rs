@@ -73,6 +73,10 @@ pub struct GemmMetas<'a> {
     /// The [M, N] output, or for dequantize the [K, N] dense weights (`out_is_weights`).
     pub out: &'a TensorMeta,
     pub out_is_weights: bool,
+    /// The kernel derives each row's group as row / (K / groups): no g_idx, or
+    /// the exllama path. Then the group count must divide K. With an explicit
+    /// g_idx (a row-parallel act-order shard indexes the full layer's groups) it need not.
+    pub groups_from_rows: bool,
 }
 
 fn to_usize(value: i64) -> usize {
@@ -121,7 +125,7 @@ pub fn check_gemm(t: &GemmMetas<'_>, bit: i64, use_v2_format: bool) -> Result<Ge
             t.scales.dim(1)
         )));
     }
-    if groups <= 0 || k % groups != 0 {
+    if groups <= 0 || (t.groups_from_rows && k % groups != 0) {
         return Err(Error::value(format!(
             "b_gptq_scales has {groups} groups (rows), which does not divide K={k}; the group size K / groups must be whole"
         )));
@@ -257,6 +261,7 @@ mod tests {
                     g_idx: self.g_idx.as_ref(),
                     out: &self.out,
                     out_is_weights: false,
+                    groups_from_rows: true,
                 },
                 bits,
                 false,

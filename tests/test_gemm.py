@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import opt4gptq
-from conftest import assert_matches_reference, make_problem, numpy_library, run_op, torch_library
+from conftest import Problem, assert_matches_reference, make_problem, numpy_library, run_op, torch_library
+from opt4gptq import pack
 
 BITS = [2, 3, 4, 8]
 
@@ -106,3 +107,15 @@ def test_forced_paths_agree_with_reference():
     problem = make_problem(m=20, k=256, n=64, bits=3, group_size=32, act_order=True, use_exllama=True)
     for path in ("skinny", "tiled"):
         assert_matches_reference(run_op(problem, numpy_library(), path=path), problem)
+
+
+def test_explicit_g_idx_may_index_more_groups_than_divide_k():
+    """A row-parallel act-order shard (vLLM marks it use_exllama=False) keeps the
+    full layer's scales: its g_idx names groups of the whole layer."""
+    full = make_problem(m=3, k=384, n=64, bits=4, group_size=128, act_order=True, use_exllama=False)
+    t = full.t
+    rows = np.arange(128, 384)  # this shard's rows: 256 of them, 3 groups in the table
+    shard = pack.GPTQTensors(qweight=pack.pack_rows(pack.unpack_rows(t.qweight, 4)[rows], 4), qzeros=t.qzeros,
+                             scales=t.scales, g_idx=t.g_idx[rows].copy(), bits=4, group_size=128, v2=False)
+    problem = Problem(a=full.a[:, rows].copy(), t=shard, use_exllama=False, seed=full.seed)
+    assert_matches_reference(run_op(problem, numpy_library()), problem)

@@ -110,8 +110,9 @@ extern "C" int o4g_gemm(const o4g_gemm_args *args, void *stream_handle)
 {
     if (!args) return fail(O4G_ERR_ARGS, "null arguments");
     if (args->m == 0 || args->n == 0) return O4G_OK;
-    if (args->k % 32 != 0 || args->groups <= 0 || args->k % args->groups != 0)
-        return fail(O4G_ERR_ARGS, "k must be a multiple of 32 and of the group count");
+    // Groups derived from rows (no g_idx) must tile K exactly; an explicit g_idx may name any group.
+    if (args->k % 32 != 0 || args->groups <= 0 || (args->g_idx == nullptr && args->k % args->groups != 0))
+        return fail(O4G_ERR_ARGS, "k must be a multiple of 32, and of the group count when g_idx is absent");
     DeviceScope scope(args->device);
     if (scope.status() != cudaSuccess) return check(scope.status(), "select device");
 
@@ -130,8 +131,9 @@ extern "C" int o4g_dequantize(const o4g_gemm_args *args, void *weights, void *st
 {
     if (!args) return fail(O4G_ERR_ARGS, "null arguments");
     if (args->k == 0 || args->n == 0) return O4G_OK;
-    if (args->k % 32 != 0 || args->groups <= 0 || args->k % args->groups != 0)
-        return fail(O4G_ERR_ARGS, "k must be a multiple of 32 and of the group count");
+    // Groups derived from rows (no g_idx) must tile K exactly; an explicit g_idx may name any group.
+    if (args->k % 32 != 0 || args->groups <= 0 || (args->g_idx == nullptr && args->k % args->groups != 0))
+        return fail(O4G_ERR_ARGS, "k must be a multiple of 32, and of the group count when g_idx is absent");
     DeviceScope scope(args->device);
     if (scope.status() != cudaSuccess) return check(scope.status(), "select device");
     const o4g::GemmParams p = to_params(*args);
