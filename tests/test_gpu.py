@@ -31,7 +31,7 @@ def test_every_format(cuda, bits, group_size, act_order, use_exllama, v2, path):
     assert_matches_reference(run_op(problem, cuda, path=path), problem)
 
 
-@pytest.mark.parametrize("m", [0, 1, 7, 8, 9, 16, 17, 50, 51, 300])
+@pytest.mark.parametrize("m", [0, 1, 7, 8, 9, 16, 17, 50, 51, 300, 8192])
 @pytest.mark.parametrize("bits", BITS)
 def test_every_batch_size(cuda, bits, m):
     problem = make_problem(m=m, k=4096, n=320, bits=bits, group_size=128, act_order=True, use_exllama=True)
