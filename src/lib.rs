@@ -54,7 +54,6 @@ fn gemm<'py>(
 #[pyo3(signature = (a, b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, weights, use_exllama, bit, use_v2_format, stream))]
 #[allow(clippy::too_many_arguments)]
 fn dequantize<'py>(
-    py: Python<'py>,
     a: Bound<'py, PyAny>,
     b_q_weight: Bound<'py, PyAny>,
     b_gptq_qzeros: Bound<'py, PyAny>,
@@ -80,7 +79,7 @@ fn dequantize<'py>(
         variant: None,
         stream,
     };
-    Ok(ops::dequantize(py, call)?)
+    Ok(ops::dequantize(call)?)
 }
 
 /// Rows above which a torch GPU caller is served by dequantize + torch.matmul.

@@ -42,33 +42,60 @@ fn without_gil<T: Send>(py: Python<'_>, work: impl FnOnce() -> T + Send) -> T {
     py.detach(work)
 }
 
+/// The imported, validated tensors of one call.
+struct Operands {
+    a: Imported,
+    qweight: Imported,
+    qzeros: Imported,
+    scales: Imported,
+    g_idx: Option<Imported>,
+    /// `out` [M, N], or for dequantize the dense `weights` [K, N].
+    out: Imported,
+    shape: quant::GemmShape,
+    use_exllama: bool,
+}
+
+impl Operands {
+    fn import(call: &GemmCall<'_>, out_name: &'static str, out_is_weights: bool) -> Result<Operands> {
+        let a = Imported::from_py("a", &call.a)?;
+        let qweight = Imported::from_py("b_q_weight", &call.qweight)?;
+        let qzeros = Imported::from_py("b_gptq_qzeros", &call.qzeros)?;
+        let scales = Imported::from_py("b_gptq_scales", &call.scales)?;
+        let g_idx = import_optional("b_g_idx", call.g_idx.as_ref())?;
+        let out = Imported::from_py(out_name, &call.out)?;
+        out.expect_writable()?;
+        let shape = check_gemm(
+            &GemmMetas {
+                a: &a.meta,
+                qweight: &qweight.meta,
+                qzeros: &qzeros.meta,
+                scales: &scales.meta,
+                g_idx: g_idx.as_ref().map(|g| &g.meta),
+                out: &out.meta,
+                out_is_weights,
+                groups_from_rows: g_idx.is_none() || call.use_exllama,
+            },
+            call.bit,
+            call.use_v2_format,
+        )?;
+        Ok(Operands { a, qweight, qzeros, scales, g_idx, out, shape, use_exllama: call.use_exllama })
+    }
+
+    /// (g_idx, permutation): with exllama the index tensor is the act-order
+    /// permutation that gptq_shuffle already applied to the weight rows;
+    /// otherwise it is the group of each row.
+    fn index_roles(&self) -> (Option<&Imported>, Option<&Imported>) {
+        if self.use_exllama { (None, self.g_idx.as_ref()) } else { (self.g_idx.as_ref(), None) }
+    }
+}
+
 /// Returns which kernel ran: "cpu", "skinny", "tiled" or "exllama/<variant>".
 pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
-    let a = Imported::from_py("a", &call.a)?;
-    let qweight = Imported::from_py("b_q_weight", &call.qweight)?;
-    let qzeros = Imported::from_py("b_gptq_qzeros", &call.qzeros)?;
-    let scales = Imported::from_py("b_gptq_scales", &call.scales)?;
-    let g_idx = import_optional("b_g_idx", call.g_idx.as_ref())?;
-    let out = Imported::from_py("out", &call.out)?;
-    out.expect_writable()?;
-    let shape = check_gemm(
-        &GemmMetas {
-            a: &a.meta,
-            qweight: &qweight.meta,
-            qzeros: &qzeros.meta,
-            scales: &scales.meta,
-            g_idx: g_idx.as_ref().map(|g| &g.meta),
-            out: &out.meta,
-            out_is_weights: false,
-            groups_from_rows: g_idx.is_none() || call.use_exllama,
-        },
-        call.bit,
-        call.use_v2_format,
-    )?;
+    let operands = Operands::import(&call, "out", false)?;
+    let Operands { a, qweight, qzeros, scales, out, shape, .. } = &operands;
+    let shape = *shape;
     let variant = call.variant.as_deref().map_or(Ok(DEFAULT_VARIANT), Variant::parse)?;
-    // With exllama the index tensor is the act-order permutation that
-    // gptq_shuffle already applied to the weight rows; otherwise it is g_idx.
-    let (groups_of_rows, permutation) = if call.use_exllama { (None, g_idx.as_ref()) } else { (g_idx.as_ref(), None) };
+    let (groups_of_rows, permutation) = operands.index_roles();
     let facts = Facts {
         use_exllama: call.use_exllama,
         has_g_idx: groups_of_rows.is_some(),
@@ -170,31 +197,11 @@ fn gpu_gemm(
 
 /// Dense fp16 weights [K, N] in the activations' row order, for a vendor GEMM.
 /// `a` is the call's activations: only validated, never read.
-pub fn dequantize(py: Python<'_>, call: GemmCall<'_>) -> Result<()> {
-    let _ = py;
-    let a = Imported::from_py("a", &call.a)?;
-    let qweight = Imported::from_py("b_q_weight", &call.qweight)?;
-    let qzeros = Imported::from_py("b_gptq_qzeros", &call.qzeros)?;
-    let scales = Imported::from_py("b_gptq_scales", &call.scales)?;
-    let g_idx = import_optional("b_g_idx", call.g_idx.as_ref())?;
-    let weights = Imported::from_py("weights", &call.out)?;
-    weights.expect_writable()?;
-    let shape = check_gemm(
-        &GemmMetas {
-            a: &a.meta,
-            qweight: &qweight.meta,
-            qzeros: &qzeros.meta,
-            scales: &scales.meta,
-            g_idx: g_idx.as_ref().map(|g| &g.meta),
-            out: &weights.meta,
-            out_is_weights: true,
-            groups_from_rows: g_idx.is_none() || call.use_exllama,
-        },
-        call.bit,
-        call.use_v2_format,
-    )?;
-    let (groups_of_rows, permutation) = if call.use_exllama { (None, g_idx.as_ref()) } else { (g_idx.as_ref(), None) };
-    gpu_dequantize(&shape, &qweight, &qzeros, &scales, groups_of_rows, permutation, &weights, call.stream)
+pub fn dequantize(call: GemmCall<'_>) -> Result<()> {
+    let operands = Operands::import(&call, "weights", true)?;
+    let (groups_of_rows, permutation) = operands.index_roles();
+    let o = &operands;
+    gpu_dequantize(&o.shape, &o.qweight, &o.qzeros, &o.scales, groups_of_rows, permutation, &o.out, call.stream)
 }
 
 #[cfg(o4g_gpu)]

@@ -178,6 +178,25 @@ def assert_matches_reference(out: np.ndarray, problem: Problem, rel_tol: Optiona
     assert excess <= 0, f"an element is off by {excess:.3e} beyond its bound: {problem.describe()}"
 
 
+def capture_in_graph(call: Callable[[], Any], out: Any) -> Any:
+    """Warm `call` up on a side stream, NaN-poison `out`, capture `call` in a CUDA graph.
+
+    Returns the graph, not yet replayed: what a replay writes into `out` is the
+    graph's work alone."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # first-use work (index validation) stays out of the graph
+    torch.cuda.current_stream().wait_stream(side)
+    out.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    return graph
+
+
 def gpu_skip_reason() -> Optional[str]:
     if opt4gptq.backend() == "cpu":
         return "opt4gptq was built without a GPU backend (OPT4GPTQ_GPU unset or cpu)"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import opt4gptq
-from conftest import (Problem, assert_matches_reference, gpu_skip_reason, make_problem, run_op, torch_library)
+from conftest import (Problem, assert_matches_reference, capture_in_graph, gpu_skip_reason, make_problem, run_op,
+                      torch_library)
 
 _reason = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
@@ -88,16 +89,8 @@ def test_cuda_graph_replay_equals_eager(m):
     a = torch.from_numpy(problem.a).cuda()
     eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4).clone()
 
-    out = torch.full((m, t.n), float("nan"), dtype=torch.float16, device="cuda")
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out)  # warm-up off the graph
-    torch.cuda.current_stream().wait_stream(side)
-    out.fill_(float("nan"))
-    with torch.cuda.graph(graph):
-        opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out)
+    out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
+    graph = capture_in_graph(lambda: opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out), out)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
@@ -198,16 +191,8 @@ def test_many_rows_take_the_dense_path_and_capture_in_a_graph():
             torch.from_numpy(t.scales).cuda(), perm]
     eager = opt4gptq.gptq_gemm(*args, True, 4).clone()
     assert opt4gptq.last_kernel() == "dense"
-    out = torch.full_like(eager, float("nan"))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt4gptq.gptq_gemm(*args, True, 4, out=out)
-    torch.cuda.current_stream().wait_stream(side)
-    out.fill_(float("nan"))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt4gptq.gptq_gemm(*args, True, 4, out=out)
+    out = torch.empty_like(eager)
+    graph = capture_in_graph(lambda: opt4gptq.gptq_gemm(*args, True, 4, out=out), out)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)

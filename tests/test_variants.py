@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import opt4gptq
-from conftest import (DETERMINISTIC_VARIANTS as DETERMINISTIC, HALF_REL_TOL, assert_matches_reference, exllama_gamma,
-                      gpu_skip_reason, make_problem, run_op, torch_library)
+from conftest import (DETERMINISTIC_VARIANTS as DETERMINISTIC, HALF_REL_TOL, assert_matches_reference, capture_in_graph,
+                      exllama_gamma, gpu_skip_reason, make_problem, run_op, torch_library)
 
 _reason = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
@@ -102,16 +102,8 @@ def test_cuda_graph(variant, m):
     zeros, scales = torch.from_numpy(t.qzeros).cuda(), torch.from_numpy(t.scales).cuda()
     a = torch.from_numpy(problem.a).cuda()
     eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4).clone()
-    out = torch.full((m, t.n), float("nan"), dtype=torch.float16, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out)
-    torch.cuda.current_stream().wait_stream(side)
-    out.fill_(float("nan"))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out)
+    out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
+    graph = capture_in_graph(lambda: opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out), out)
     for _ in range(3):  # the captured memset re-zeroes the output for split-K variants
         graph.replay()
     torch.cuda.synchronize()

@@ -104,15 +104,22 @@ int launch_gemm(const o4g::GemmParams &p, int path, int variant, cudaStream_t st
     }
 }
 
+// What the kernels assume of every problem; Rust checked it already, this is the last line.
+int check_sizes(const o4g_gemm_args &args)
+{
+    // Groups derived from rows (no g_idx) must tile K exactly; an explicit g_idx may name any group.
+    if (args.k % 32 != 0 || args.groups <= 0 || (args.g_idx == nullptr && args.k % args.groups != 0))
+        return fail(O4G_ERR_ARGS, "k must be a multiple of 32, and of the group count when g_idx is absent");
+    return O4G_OK;
+}
+
 }  // namespace
 
 extern "C" int o4g_gemm(const o4g_gemm_args *args, void *stream_handle)
 {
     if (!args) return fail(O4G_ERR_ARGS, "null arguments");
     if (args->m == 0 || args->n == 0) return O4G_OK;
-    // Groups derived from rows (no g_idx) must tile K exactly; an explicit g_idx may name any group.
-    if (args->k % 32 != 0 || args->groups <= 0 || (args->g_idx == nullptr && args->k % args->groups != 0))
-        return fail(O4G_ERR_ARGS, "k must be a multiple of 32, and of the group count when g_idx is absent");
+    if (const int status = check_sizes(*args); status != O4G_OK) return status;
     DeviceScope scope(args->device);
     if (scope.status() != cudaSuccess) return check(scope.status(), "select device");
 
@@ -131,9 +138,7 @@ extern "C" int o4g_dequantize(const o4g_gemm_args *args, void *weights, void *st
 {
     if (!args) return fail(O4G_ERR_ARGS, "null arguments");
     if (args->k == 0 || args->n == 0) return O4G_OK;
-    // Groups derived from rows (no g_idx) must tile K exactly; an explicit g_idx may name any group.
-    if (args->k % 32 != 0 || args->groups <= 0 || (args->g_idx == nullptr && args->k % args->groups != 0))
-        return fail(O4G_ERR_ARGS, "k must be a multiple of 32, and of the group count when g_idx is absent");
+    if (const int status = check_sizes(*args); status != O4G_OK) return status;
     DeviceScope scope(args->device);
     if (scope.status() != cudaSuccess) return check(scope.status(), "select device");
     const o4g::GemmParams p = to_params(*args);
