@@ -147,7 +147,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         failures += [f"{target.name}: {f}" for f in run_checks(target, rng)]
     if not options.no_timing:
         target = targets[0]
-        print(f"Llama-2-7B 4096x4096 layer, 4-bit group 128, on {target.name}:")
+        print(f"Llama-2-7B 4096x4096 layer, 4-bit group 128, on {target.name}, per eager call "
+              "(host overhead included; benchmarks/bench_gemm.py times kernels alone):")
         time_llama_layer(target, rng)
 
     if failures:
