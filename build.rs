@@ -15,6 +15,7 @@ const KERNEL_SOURCES: &[&str] = &[
     "csrc/gptq/instances/exllama_b3.cu",
     "csrc/gptq/instances/exllama_b4.cu",
     "csrc/gptq/instances/exllama_b8.cu",
+    "csrc/gptq/instances/mma_b4.cu",
 ];
 const HEADERS: &[&str] = &[
     "csrc/opt4gptq.h",
@@ -23,7 +24,9 @@ const HEADERS: &[&str] = &[
     "csrc/compat/vendors/hip.h",
     "csrc/compat/asm/packed_half_ptx.cuh",
     "csrc/compat/asm/packed_half_gfx9.cuh",
+    "csrc/compat/asm/mma_ptx.cuh",
     "csrc/gptq/gemm_exllama.cuh",
+    "csrc/gptq/gemm_mma.cuh",
     "csrc/gptq/common.cuh",
     "csrc/gptq/dequantize.cuh",
     "csrc/gptq/gemm_skinny.cuh",

@@ -24,7 +24,8 @@ enum o4g_status {
 enum o4g_path {
     O4G_PATH_SKINNY = 0, /* few rows: every block reads a column strip of the weights once */
     O4G_PATH_TILED = 1,  /* many rows: 64x64 output tiles, weights dequantized into shared memory */
-    O4G_PATH_EXLLAMA = 2 /* vLLM 0.3.3's kernel family and the Opt4GPTQ switches (gemm_exllama.cuh) */
+    O4G_PATH_EXLLAMA = 2, /* vLLM 0.3.3's kernel family and the Opt4GPTQ switches (gemm_exllama.cuh) */
+    O4G_PATH_MMA = 3      /* 4-bit, exllama layout, tensor cores (gemm_mma.cuh); CUDA builds only */
 };
 
 /* Opt4GPTQ switches for O4G_PATH_EXLLAMA, as a bitmask. */

@@ -5,6 +5,9 @@
 //! - exllama: vLLM 0.3.3's kernel family for use_exllama=True, with the
 //!   Opt4GPTQ switches of the chosen variant (csrc/gptq/gemm_exllama.cuh).
 //! - tiled: many rows; weights dequantized per 64x64 tile, fp32 FMAs.
+//! - mma: 4-bit exllama-layout weights on the tensor cores (CUDA builds):
+//!   the fastest path where it applies, unless a variant is named (a named
+//!   variant asks for the paper's exllama family).
 //!
 //! Row limits follow vLLM 0.3.3 (exllama up to 50 rows, 24 for 8-bit; the alt
 //! kernel for few rows). They are provisional until benchmarks/bench_gemm.py
@@ -20,16 +23,18 @@ pub enum KernelPath {
     Skinny = 0,
     Tiled = 1,
     Exllama = 2,
+    Mma = 3,
 }
 
 impl KernelPath {
-    pub const ALL: [KernelPath; 3] = [KernelPath::Skinny, KernelPath::Tiled, KernelPath::Exllama];
+    pub const ALL: [KernelPath; 4] = [KernelPath::Skinny, KernelPath::Tiled, KernelPath::Exllama, KernelPath::Mma];
 
     pub fn name(self) -> &'static str {
         match self {
             KernelPath::Skinny => "skinny",
             KernelPath::Tiled => "tiled",
             KernelPath::Exllama => "exllama",
+            KernelPath::Mma => "mma",
         }
     }
 
@@ -37,7 +42,7 @@ impl KernelPath {
         KernelPath::ALL
             .into_iter()
             .find(|path| path.name() == name)
-            .ok_or_else(|| Error::value(format!("path must be 'skinny', 'tiled' or 'exllama'; got {name:?}")))
+            .ok_or_else(|| Error::value(format!("path must be 'skinny', 'tiled', 'exllama' or 'mma'; got {name:?}")))
     }
 }
 
@@ -109,8 +114,24 @@ pub fn exllama_max_rows(bits: u32) -> usize {
 pub const DENSE_MIN_ROWS_EXLLAMA: usize = 20;
 pub const DENSE_MIN_ROWS_G_IDX: usize = 5;
 
-pub fn dense_min_rows(_bits: u32, use_exllama: bool) -> usize {
-    if use_exllama { DENSE_MIN_ROWS_EXLLAMA } else { DENSE_MIN_ROWS_G_IDX }
+/// Largest M the tensor-core kernel serves by default (provisional).
+pub const MMA_MAX_ROWS: usize = 64;
+
+/// The tensor-core kernel is compiled into CUDA builds only (mma.sync, sm_80+).
+pub fn mma_built() -> bool {
+    env!("O4G_BACKEND") == "cuda"
+}
+
+/// From how many rows a torch GPU caller gets dequantize + torch.matmul.
+/// `mma_possible`: 4-bit exllama-layout weights, no variant named, CUDA build.
+pub fn dense_min_rows(bits: u32, use_exllama: bool, variant_named: bool) -> usize {
+    if use_exllama && bits == 4 && !variant_named && mma_built() {
+        MMA_MAX_ROWS + 1
+    } else if use_exllama {
+        DENSE_MIN_ROWS_EXLLAMA
+    } else {
+        DENSE_MIN_ROWS_G_IDX
+    }
 }
 
 /// What the exllama family needs beyond the shape: no per-row g_idx, whole
@@ -120,14 +141,22 @@ pub struct Facts {
     pub use_exllama: bool,
     pub has_g_idx: bool,
     pub weights_aligned: bool,
+    /// The caller named a variant (variant= or OPT4GPTQ_VARIANT): the exllama family serves it.
+    pub variant_named: bool,
 }
 
 fn exllama_applies(shape: &GemmShape, facts: &Facts) -> bool {
     facts.use_exllama && !facts.has_g_idx && shape.group_size() % 32 == 0 && facts.weights_aligned
 }
 
+fn mma_applies(shape: &GemmShape, facts: &Facts) -> bool {
+    mma_built() && exllama_applies(shape, facts) && shape.bits == 4 && shape.n % 32 == 0
+}
+
 pub fn choose_path(shape: &GemmShape, facts: &Facts) -> KernelPath {
-    if exllama_applies(shape, facts) && shape.m <= exllama_max_rows(shape.bits) {
+    if mma_applies(shape, facts) && !facts.variant_named && shape.m <= MMA_MAX_ROWS {
+        KernelPath::Mma
+    } else if exllama_applies(shape, facts) && shape.m <= exllama_max_rows(shape.bits) {
         KernelPath::Exllama
     } else if shape.m <= SKINNY_MAX_ROWS {
         KernelPath::Skinny
@@ -143,6 +172,14 @@ pub fn check_forced_path(path: KernelPath, shape: &GemmShape, facts: &Facts) -> 
             "path='exllama' needs use_exllama=True, group size a multiple of 32 and 16-byte aligned b_q_weight",
         ));
     }
+    if path == KernelPath::Mma && !mma_applies(shape, facts) {
+        return Err(Error::value(if mma_built() {
+            "path='mma' needs bit=4, use_exllama=True, group size a multiple of 32, N a multiple of 32 and \
+             16-byte aligned b_q_weight"
+        } else {
+            "path='mma' exists in CUDA builds only"
+        }));
+    }
     Ok(())
 }
 
@@ -154,8 +191,8 @@ mod tests {
         GemmShape { m, k: 4096, n: 4096, groups, bits, lda: 4096, zero_offset: 1 }
     }
 
-    const EXLLAMA: Facts = Facts { use_exllama: true, has_g_idx: false, weights_aligned: true };
-    const ALT: Facts = Facts { use_exllama: false, has_g_idx: true, weights_aligned: true };
+    const EXLLAMA: Facts = Facts { use_exllama: true, has_g_idx: false, weights_aligned: true, variant_named: true };
+    const ALT: Facts = Facts { use_exllama: false, has_g_idx: true, weights_aligned: true, variant_named: false };
 
     #[test]
     fn table_follows_vllm_row_limits() {
@@ -177,5 +214,17 @@ mod tests {
         }
         assert!(Variant::parse("fast").unwrap_err().to_string().contains("variant must be one of"));
         assert!(check_forced_path(KernelPath::Exllama, &shape(4, 4, 32), &ALT).is_err());
+    }
+
+    #[test]
+    fn the_tensor_core_path_is_chosen_only_where_it_exists_and_no_variant_is_named() {
+        let unnamed = Facts { variant_named: false, ..EXLLAMA };
+        let expected = if mma_built() { KernelPath::Mma } else { KernelPath::Exllama };
+        assert_eq!(choose_path(&shape(1, 4, 32), &unnamed), expected);
+        assert_eq!(choose_path(&shape(1, 4, 32), &EXLLAMA), KernelPath::Exllama);
+        // 8-bit weights have no tensor-core kernel.
+        assert_eq!(choose_path(&shape(1, 8, 32), &unnamed), KernelPath::Exllama);
+        assert_eq!(check_forced_path(KernelPath::Mma, &shape(1, 4, 32), &unnamed).is_ok(), mma_built());
+        assert_eq!(dense_min_rows(4, true, false), if mma_built() { MMA_MAX_ROWS + 1 } else { DENSE_MIN_ROWS_EXLLAMA });
     }
 }

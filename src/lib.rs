@@ -84,8 +84,9 @@ fn dequantize<'py>(
 
 /// Rows above which a torch GPU caller is served by dequantize + torch.matmul.
 #[pyfunction]
-fn dense_min_rows(bit: u32, use_exllama: bool) -> usize {
-    dispatch::dense_min_rows(bit, use_exllama)
+#[pyo3(signature = (bit, use_exllama, variant_named=false))]
+fn dense_min_rows(bit: u32, use_exllama: bool, variant_named: bool) -> usize {
+    dispatch::dense_min_rows(bit, use_exllama, variant_named)
 }
 
 /// Low-level row permutation of packed weights (the work of gptq_shuffle).

@@ -100,6 +100,7 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
         use_exllama: call.use_exllama,
         has_g_idx: groups_of_rows.is_some(),
         weights_aligned: (qweight.ptr() as usize) % 16 == 0 && (out.ptr() as usize) % 4 == 0,
+        variant_named: call.variant.is_some(),
     };
     let path = match call.path.as_deref() {
         None => choose_path(&shape, &facts),

@@ -147,6 +147,14 @@ def exllama_gamma(variant: str, k: int) -> float:
     return gamma
 
 
+def mma_gamma(k: int) -> float:
+    """The tensor-core path multiplies exact integers (q - z) by fp16 activations
+    (exact products) and sums them in the MMA's fp32 accumulators, whose internal
+    alignment truncates rather than rounds: up to one fp32 ulp (2u32) per add,
+    twice the IEEE fp32 bound. Then one fp32 multiply by the scale per group."""
+    return 2 * fp32_gamma(k) + 2.0**-23
+
+
 def assert_matches_reference(out: np.ndarray, problem: Problem, rel_tol: Optional[float] = None,
                              gamma: Optional[float] = None) -> None:
     """Norm-wise relative error below rel_tol, and every element inside the
@@ -163,6 +171,8 @@ def assert_matches_reference(out: np.ndarray, problem: Problem, rel_tol: Optiona
     elif kernel.startswith("exllama/"):
         rel_tol = HALF_REL_TOL if rel_tol is None else rel_tol
         gamma = exllama_gamma(kernel.split("/", 1)[1], problem.t.k) if gamma is None else gamma
+    elif kernel == "mma":
+        gamma = mma_gamma(problem.t.k) if gamma is None else gamma
     rel_tol = REL_TOL if rel_tol is None else rel_tol
     ref = problem.reference
     assert out.shape == ref.shape, problem.describe()

@@ -75,14 +75,14 @@ def gfx906(tmp_path_factory) -> dict:
     return listing
 
 
-@pytest.fixture(scope="module")
-def sm90(tmp_path_factory) -> dict:
+def sm90_listing(tmp_path_factory, source: Path) -> dict:
+    """Mnemonic counts per kernel of `source` compiled for sm_90a."""
     nvcc, cuobjdump, nvdisasm = find_tool("nvcc"), find_tool("cuobjdump"), find_tool("nvdisasm")
     if not (nvcc and cuobjdump and nvdisasm):
         pytest.skip("CUDA disassembly needs nvcc, cuobjdump and nvdisasm (see .ci/run for the PyPI packages)")
     work = tmp_path_factory.mktemp("sm90")
     subprocess.run([nvcc, "-cubin", "-gencode=arch=compute_90a,code=sm_90a", "-O3", "-std=c++17",
-                    "-o", str(work / "k.cubin"), str(SOURCE)], check=True, capture_output=True)
+                    "-o", str(work / "k.cubin"), str(source)], check=True, capture_output=True)
     env = dict(os.environ, NVDISASM_PATH=str(Path(nvdisasm).parent))
     text = subprocess.run([cuobjdump, "-sass", str(work / "k.cubin")], check=True, capture_output=True,
                           text=True, env=env).stdout
@@ -91,6 +91,16 @@ def sm90(tmp_path_factory) -> dict:
         name = block.split("\n", 1)[0].strip()
         listing[name] = collections.Counter(re.findall(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", block))
     return listing
+
+
+@pytest.fixture(scope="module")
+def sm90(tmp_path_factory) -> dict:
+    return sm90_listing(tmp_path_factory, SOURCE)
+
+
+@pytest.fixture(scope="module")
+def sm90_mma(tmp_path_factory) -> dict:
+    return sm90_listing(tmp_path_factory, ROOT / "csrc" / "gptq" / "instances" / "mma_b4.cu")
 
 
 # --- AMD gfx906 -----------------------------------------------------------------------
@@ -143,3 +153,17 @@ def test_sm90_ila_is_the_same_machine_code(sm90):
     base, ila = kernel_ops(sm90, "splitk", False, False), kernel_ops(sm90, "splitk", False, True)
     assert count(base, "HFMA2") > 0 and count(ila, "HFMA2") == count(base, "HFMA2")
     assert count(ila, "HADD2") == count(base, "HADD2")
+
+
+def test_sm90_mma_path_runs_on_the_tensor_cores_without_atomics(sm90_mma):
+    # The 4-bit decode path (gemm_mma.cuh): HMMA.16816.F32 is mma.sync m16n8k16
+    # with fp32 accumulators; weights arrive as 128-bit loads that skip L1
+    # (LDG.E.NA.128.CONSTANT: .nc + L1::no_allocate); the K-slices meet in shared memory,
+    # so no global atomics and no reduction instructions at all.
+    kernels = {name: ops for name, ops in sm90_mma.items() if "gemm_mma_kernel" in name}
+    assert len(kernels) == 4, sorted(sm90_mma)  # 8 or 16 rows per block x contiguous or gathered activations
+    for name, ops in kernels.items():
+        assert count(ops, "HMMA.16816.F32") >= 4, name
+        assert count(ops, "LDG.E.NA.128") >= 1, name
+        assert count(ops, "ATOM") == 0 and count(ops, "RED") == 0, name
+

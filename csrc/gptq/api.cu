@@ -6,6 +6,7 @@
 
 #include "dequantize.cuh"
 #include "gemm_exllama.cuh"
+#include "gemm_mma.cuh"
 #include "gemm_skinny.cuh"
 #include "gemm_tiled.cuh"
 #include "permute.cuh"
@@ -97,6 +98,16 @@ int launch_gemm(const o4g::GemmParams &p, int path, int variant, cudaStream_t st
         const cudaError_t error = o4g::launch_exllama<BITS>(p, variant, stream);
         if (error == cudaErrorInvalidValue) return fail(O4G_ERR_UNSUPPORTED, "no kernel for variant flags " + std::to_string(variant));
         return check(error, "gemm_exllama launch");
+    }
+    case O4G_PATH_MMA: {
+#if O4G_HAVE_MMA
+        if (BITS != 4 || p.g_idx != nullptr || p.group_size % 32 != 0 || p.n % o4g::kMmaColumns != 0)
+            return fail(O4G_ERR_ARGS, "the mma path needs 4-bit weights, contiguous groups of a multiple of 32 rows "
+                                      "and n a multiple of 32");
+        return check(o4g::launch_mma(p, stream), "gemm_mma launch");
+#else
+        return fail(O4G_ERR_UNSUPPORTED, "the mma path exists in CUDA builds only");
+#endif
     }
     case O4G_PATH_SKINNY: return check(launch_skinny_rows<BITS>(p, stream), "gemm_skinny launch");
     case O4G_PATH_TILED: return check(o4g::launch_tiled<BITS>(p, stream), "gemm_tiled launch");

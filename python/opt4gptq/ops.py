@@ -100,7 +100,7 @@ def gptq_gemm(
 
     use_v2_format: zero points are stored as-is (v2) instead of minus one (v1).
     out: optional float16 ``[M, N]`` to write into (fully overwritten).
-    path: force a kernel ("skinny", "tiled", "exllama", or "dense" = dequantize +
+    path: force a kernel ("skinny", "tiled", "exllama", "mma", or "dense" = dequantize +
     torch.matmul, torch GPU tensors only); None lets the dispatch table choose.
     variant: the Opt4GPTQ variant of the exllama kernels (see :func:`opt4gptq.variants`);
     None reads ``OPT4GPTQ_VARIANT``, then falls back to the platform default.
@@ -123,7 +123,9 @@ def gptq_gemm(
     launch = launch_for(a)
     if variant is None:
         variant = os.environ.get("OPT4GPTQ_VARIANT") or None
-    if _wants_dense(a, m, bit, use_exllama, path):
+    if g_idx is not None and use_exllama and _gathers_on_torch(a, bit, path, variant):
+        a, g_idx = _permuted_activations(a, g_idx), None
+    if _wants_dense(a, m, bit, use_exllama, path, variant is not None):
         _dense_gemm(a, b_q_weight, b_gptq_qzeros, b_gptq_scales, g_idx, out, use_exllama, bit, use_v2_format, launch)
         return out
     _last.kernel = _C.gemm(
@@ -145,7 +147,21 @@ def gptq_gemm(
     return out
 
 
-def _wants_dense(a: Any, m: int, bit: int, use_exllama: bool, path: Optional[str]) -> bool:
+def _gathers_on_torch(a: Any, bit: int, path: Optional[str], variant: Optional[str]) -> bool:
+    """Act-order on a torch GPU for the tensor-core path: gather the activations
+    once with torch (one small kernel) instead of per element inside ours, which
+    then streams them with asynchronous 16-byte copies."""
+    return (bit == 4 and variant is None and path in (None, "mma") and library_of(a) == "torch"
+            and a.device.type == "cuda" and _C.backend() == "cuda")
+
+
+def _permuted_activations(a: Any, perm: Any) -> Any:
+    import torch
+
+    return torch.index_select(a, 1, perm)
+
+
+def _wants_dense(a: Any, m: int, bit: int, use_exllama: bool, path: Optional[str], variant_named: bool) -> bool:
     """Many rows on a torch GPU: dequantize once, then the vendor GEMM (as vLLM does)."""
     if path is not None:
         if path != "dense":
@@ -155,7 +171,7 @@ def _wants_dense(a: Any, m: int, bit: int, use_exllama: bool, path: Optional[str
         return True
     if library_of(a) != "torch" or a.device.type != "cuda":
         return False
-    return m >= _C.dense_min_rows(bit, bool(use_exllama))
+    return m >= _C.dense_min_rows(bit, bool(use_exllama), variant_named)
 
 
 def _dense_gemm(a, qweight, qzeros, scales, g_idx, out, use_exllama, bit, use_v2_format, launch) -> None:

@@ -21,6 +21,10 @@
 
 #include "../asm/packed_half_gfx9.cuh"
 
+// No mma.sync on gfx9: the tensor-core GEMM (gemm_mma.cuh) compiles to nothing here
+// and the Rust dispatch never picks it on ROCm.
+#define O4G_HAVE_MMA 0
+
 namespace o4g {
 // gfx9 has no half2 atomic add: a compare-and-swap loop on the 32-bit word.
 __device__ __forceinline__ void atomic_add_half2(__half2 *address, __half2 value)

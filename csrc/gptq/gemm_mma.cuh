@@ -1,0 +1,294 @@
+// 4-bit GPTQ GEMM on the tensor cores, for few to some tens of rows (decode and
+// small batches), in the exllama layout (gptq_shuffle'd rows, contiguous groups).
+//
+// The trick that needs no weight re-layout: an MMA sums over k, so any
+// consistent relabelling of k between the A and B fragments gives the same
+// product. Lane (g, t) of a warp (g = lane / 4, t = lane % 4) loads 16 bytes
+// of qweight: word row t of a 32-row pack for 4 adjacent columns, i.e. 8
+// consecutive k for each. It owns fragment slots {2t, 2t+1, 2t+8, 2t+9} of two
+// k16 tiles, and those slots are simply *defined* to be its own 8 k values,
+// paired the way the bit trick below unpacks them: nibbles (0,4), (1,5) for
+// the first k16 tile, (2,6), (3,7) for the second. The activations for the
+// same 8 k are one 16-byte load of row g, re-paired with two PRMTs each.
+// The 4 columns become MMA rows g and g+8 of two m16 tiles; tokens are the n8
+// axis. So a warp covers 32 columns x 32 k per load, every byte read once.
+//
+// Dequantization: (w >> 4j) & 0x000F000F | 0x64006400 is the half2 pair
+// (1024 + q_j, 1024 + q_{j+4}); subtracting (1024 + zero) is exact, so the MMA
+// sees the integers (q - zero) and accumulates (q - zero) . x in fp32. The
+// scale multiplies that fp32 sum once per group.
+//
+// Block: kMmaWarps warps on the same 32 columns, each a contiguous slice of K;
+// the slices' sums meet in shared memory and are added in warp order. No
+// atomics, no pre-zeroed output: the same bits on every call, graph-safe.
+#pragma once
+#include "common.cuh"
+
+#if O4G_HAVE_MMA
+namespace o4g {
+
+constexpr int kMmaWarps = 16;
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaColumns = 32;  // per block (and per warp)
+constexpr int kMmaTokenTiles = 2;  // rows per block: 16 at most; more rows take more blocks
+
+// One lane's share of one 32-row pack: its qweight word row for 4 columns,
+// and the activations of the same 8 k for each token tile.
+template <int TOKEN_TILES>
+struct PackShare {
+    uint4 weights;
+    uint4 x[TOKEN_TILES];
+};
+
+// 8 activations of row `token` at weight rows k0..k0+7, through the act-order
+// permutation when there is one (an out-of-range entry reads as NaN).
+template <bool GATHER>
+__device__ __forceinline__ uint4 load_activations(const GemmParams &p, int64_t token, int64_t k0)
+{
+    if constexpr (!GATHER) {
+        return *reinterpret_cast<const uint4 *>(p.a + token * p.lda + k0);
+    } else {
+        __half h[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            float poison = 0.0f;
+            const int64_t column = activation_column(p, k0 + j, poison);
+            h[j] = poison != 0.0f ? __float2half(poison) : p.a[token * p.lda + column];
+        }
+        uint4 v;
+        v.x = isa::pair_low_halves(*reinterpret_cast<uint16_t *>(&h[0]), *reinterpret_cast<uint16_t *>(&h[1]));
+        v.y = isa::pair_low_halves(*reinterpret_cast<uint16_t *>(&h[2]), *reinterpret_cast<uint16_t *>(&h[3]));
+        v.z = isa::pair_low_halves(*reinterpret_cast<uint16_t *>(&h[4]), *reinterpret_cast<uint16_t *>(&h[5]));
+        v.w = isa::pair_low_halves(*reinterpret_cast<uint16_t *>(&h[6]), *reinterpret_cast<uint16_t *>(&h[7]));
+        return v;
+    }
+}
+
+__device__ __forceinline__ uint32_t subtract_half2(uint32_t a, uint32_t b)
+{
+    const __half2 d = __hsub2(*reinterpret_cast<__half2 *>(&a), *reinterpret_cast<__half2 *>(&b));
+    return *reinterpret_cast<const uint32_t *>(&d);
+}
+
+// acc[m16 tile][token tile] += (q - zero) . x over this pack's 32 k.
+template <int TOKEN_TILES>
+__device__ __forceinline__ void multiply_share(const PackShare<TOKEN_TILES> &share, const uint32_t (&zero2)[4],
+                                               float (&acc)[2][TOKEN_TILES][4])
+{
+    const uint32_t words[4] = {share.weights.x, share.weights.y, share.weights.z, share.weights.w};
+    uint32_t q[4][4];  // [column][j]: half2 (q_j - z, q_{j+4} - z)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            q[c][j] = subtract_half2(((words[c] >> (4 * j)) & 0x000F000Fu) | 0x64006400u, zero2[c]);
+
+#pragma unroll
+    for (int tile = 0; tile < TOKEN_TILES; ++tile) {
+        const uint4 x = share.x[tile];  // halves x0..x7 of this lane's 8 k
+        const uint32_t x04 = isa::pair_low_halves(x.x, x.z);
+        const uint32_t x15 = isa::pair_high_halves(x.x, x.z);
+        const uint32_t x26 = isa::pair_low_halves(x.y, x.w);
+        const uint32_t x37 = isa::pair_high_halves(x.y, x.w);
+#pragma unroll
+        for (int m16 = 0; m16 < 2; ++m16) {
+            // Rows g and g + 8 of this m16 tile are columns 2*m16 and 2*m16 + 1 of the lane's four.
+            const int c0 = 2 * m16, c1 = 2 * m16 + 1;
+            const uint32_t first[4] = {q[c0][0], q[c1][0], q[c0][1], q[c1][1]};
+            isa::mma_16x8x16(acc[m16][tile], first, x04, x15);
+            const uint32_t second[4] = {q[c0][2], q[c1][2], q[c0][3], q[c1][3]};
+            isa::mma_16x8x16(acc[m16][tile], second, x26, x37);
+        }
+    }
+}
+
+// One group's quantization data for a lane's 4 columns, as loaded: the loads
+// are issued a group ahead and only waited for when the group starts.
+struct GroupMeta {
+    uint2 scales;    // 4 fp16 scales
+    uint32_t zeros;  // the qzeros word holding the 4 zero points (8 columns per word)
+};
+
+__device__ __forceinline__ GroupMeta fetch_group(const GemmParams &p, int64_t group, int64_t column)
+{
+    GroupMeta meta;
+    meta.scales = *reinterpret_cast<const uint2 *>(p.scales + group * p.n + column);
+    meta.zeros = p.qzeros[group * p.zero_words + column / 8];
+    return meta;
+}
+
+// Scales as fp32, zero points as half2 (1024 + zero) pairs for the bit trick.
+__device__ __forceinline__ void decode_group(const GemmParams &p, const GroupMeta &meta, int64_t column,
+                                             float (&scale)[4], uint32_t (&zero2)[4])
+{
+    const __half2 s01 = *reinterpret_cast<const __half2 *>(&meta.scales.x);
+    const __half2 s23 = *reinterpret_cast<const __half2 *>(&meta.scales.y);
+    scale[0] = __low2float(s01);
+    scale[1] = __high2float(s01);
+    scale[2] = __low2float(s23);
+    scale[3] = __high2float(s23);
+    // column is a multiple of 4, so its 4 zeros are one half of the word.
+    const uint32_t nibbles = meta.zeros >> (4 * (column % 8));
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const uint32_t biased = 0x6400u + ((nibbles >> (4 * c)) & 0xFu) + static_cast<uint32_t>(p.zero_offset);
+        zero2[c] = biased | (biased << 16);
+    }
+}
+
+// total += acc * scale of the accumulator's row; acc = 0.
+template <int TOKEN_TILES>
+__device__ __forceinline__ void apply_scales(float (&acc)[2][TOKEN_TILES][4], const float (&scale)[4],
+                                             float (&total)[2][TOKEN_TILES][4])
+{
+#pragma unroll
+    for (int m16 = 0; m16 < 2; ++m16)
+#pragma unroll
+        for (int tile = 0; tile < TOKEN_TILES; ++tile)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                // Accumulator i: row g (i < 2) or g + 8, i.e. column 2*m16 or 2*m16 + 1.
+                total[m16][tile][i] = fmaf(acc[m16][tile][i], scale[2 * m16 + i / 2], total[m16][tile][i]);
+                acc[m16][tile][i] = 0.0f;
+            }
+}
+
+// Packs per lane per batch. Batches are double-buffered in registers, so up
+// to two are in flight while one is multiplied. Measured on the H100 at M=1
+// (Llama-2-7B layers summed): 2 packs 83 us, 4 packs 92 us, 8 packs 139 us
+// (spills); fewer registers beat deeper batches here (benchmarks/NOTES.md).
+template <int TOKEN_TILES>
+__host__ __device__ constexpr int mma_batch() { return 2; }
+
+template <int TOKEN_TILES, bool GATHER>
+__device__ __forceinline__ void load_share(const GemmParams &p, int64_t pack, int64_t column, int64_t m0, int g, int t,
+                                           PackShare<TOKEN_TILES> &share)
+{
+    share.weights = isa::load_once_16B(p.qweight + (pack * 4 + t) * p.n + column);
+    const int64_t k0 = pack * 32 + 8 * t;
+#pragma unroll
+    for (int tile = 0; tile < TOKEN_TILES; ++tile) {
+        const int64_t token = m0 + tile * 8 + g;
+        share.x[tile] = token < p.m ? load_activations<GATHER>(p, token, k0) : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// Grid: x = tiles of TOKEN_TILES * 8 rows (neighbours in launch order, so all
+// but the first find the weights in L2), y = 32-column strips.
+template <int TOKEN_TILES, bool GATHER>
+__global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(GemmParams p)
+{
+    constexpr int kBatch = mma_batch<TOKEN_TILES>();
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4;
+    const int t = lane % 4;
+    const int64_t strip = static_cast<int64_t>(blockIdx.y) * kMmaColumns;
+    const int64_t column = strip + 4 * g;
+    const int64_t m0 = static_cast<int64_t>(blockIdx.x) * TOKEN_TILES * 8;
+    const int64_t packs = p.k / 32;
+    const int64_t packs_per_group = p.group_size / 32;
+    const int64_t begin = packs * warp / kMmaWarps;
+    const int64_t end = packs * (warp + 1) / kMmaWarps;
+
+    PackShare<TOKEN_TILES> current[kBatch], next[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+        if (begin + u < end) load_share<TOKEN_TILES, GATHER>(p, begin + u, column, m0, g, t, current[u]);
+    // The slice's first group is needed at once; the next one is fetched when a group starts.
+    GroupMeta ahead = begin < end ? fetch_group(p, begin / packs_per_group, column) : GroupMeta{};
+    int64_t ahead_group = begin / packs_per_group;
+
+    float acc[2][TOKEN_TILES][4];
+    float total[2][TOKEN_TILES][4];
+#pragma unroll
+    for (int m16 = 0; m16 < 2; ++m16)
+#pragma unroll
+        for (int tile = 0; tile < TOKEN_TILES; ++tile)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m16][tile][i] = total[m16][tile][i] = 0.0f;
+    float scale[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    uint32_t zero2[4] = {0u, 0u, 0u, 0u};
+    int64_t group = -1;
+
+    for (int64_t base = begin; base < end; base += kBatch) {
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+            if (base + kBatch + u < end) load_share<TOKEN_TILES, GATHER>(p, base + kBatch + u, column, m0, g, t, next[u]);
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+            const int64_t pack = base + u;
+            if (pack >= end) break;
+            const int64_t pack_group = pack / packs_per_group;
+            if (pack_group != group) {
+                apply_scales<TOKEN_TILES>(acc, scale, total);
+                decode_group(p, pack_group == ahead_group ? ahead : fetch_group(p, pack_group, column), column, scale,
+                             zero2);
+                group = pack_group;
+                if ((group + 1) * packs_per_group < end) {
+                    ahead = fetch_group(p, group + 1, column);
+                    ahead_group = group + 1;
+                }
+            }
+            multiply_share<TOKEN_TILES>(current[u], zero2, acc);
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) current[u] = next[u];
+    }
+    apply_scales<TOKEN_TILES>(acc, scale, total);
+
+    // Warps meet in shared memory, one token tile at a time; added in warp order.
+    __shared__ float partial[kMmaWarps][8][kMmaColumns + 1];
+#pragma unroll
+    for (int tile = 0; tile < TOKEN_TILES; ++tile) {
+#pragma unroll
+        for (int m16 = 0; m16 < 2; ++m16) {
+            // Accumulators (0, 1): tokens 2t, 2t+1 of row g; (2, 3): the same of row g + 8.
+            partial[warp][2 * t][4 * g + 2 * m16] = total[m16][tile][0];
+            partial[warp][2 * t + 1][4 * g + 2 * m16] = total[m16][tile][1];
+            partial[warp][2 * t][4 * g + 2 * m16 + 1] = total[m16][tile][2];
+            partial[warp][2 * t + 1][4 * g + 2 * m16 + 1] = total[m16][tile][3];
+        }
+        __syncthreads();
+        if (threadIdx.x < 8 * kMmaColumns) {
+            const int token = threadIdx.x / kMmaColumns;
+            const int c = threadIdx.x % kMmaColumns;
+            const int64_t row = m0 + tile * 8 + token;
+            if (row < p.m) {
+                float sum = 0.0f;
+#pragma unroll
+                for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][token][c];
+                p.out[row * p.n + strip + c] = __float2half_rn(sum);
+            }
+        }
+        __syncthreads();
+    }
+}
+
+template <int TOKEN_TILES>
+cudaError_t launch_mma_tiles(const GemmParams &p, bool gather, cudaStream_t stream)
+{
+    const dim3 grid(static_cast<unsigned>((p.m + TOKEN_TILES * 8 - 1) / (TOKEN_TILES * 8)),
+                    static_cast<unsigned>(p.n / kMmaColumns));
+    if (gather) gemm_mma_kernel<TOKEN_TILES, true><<<grid, kMmaThreads, 0, stream>>>(p);
+    else gemm_mma_kernel<TOKEN_TILES, false><<<grid, kMmaThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+// Requirements, checked by the Rust dispatch: 4-bit, no g_idx, group size a
+// multiple of 32, n a multiple of 32, qweight 16-byte aligned.
+// Activations go through the gather path when permuted or not 16-byte aligned.
+// Defined in instances/mma_b4.cu (its own translation unit, compiled in parallel).
+cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream);
+
+#ifdef O4G_MMA_INSTANCES
+cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream)
+{
+    const bool gather = p.perm != nullptr || (p.lda % 8) != 0 || (reinterpret_cast<uintptr_t>(p.a) % 16) != 0;
+    if (p.m <= 8) return launch_mma_tiles<1>(p, gather, stream);
+    return launch_mma_tiles<kMmaTokenTiles>(p, gather, stream);
+}
+#endif
+
+}  // namespace o4g
+#endif  // O4G_HAVE_MMA

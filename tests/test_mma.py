@@ -1,0 +1,136 @@
+"""The tensor-core path (CUDA builds, sm_80+): 4-bit weights in the exllama layout
+served by mma.sync, the default for 4-bit use_exllama=True calls up to
+MMA_MAX_ROWS rows when no variant is named. Same spec as every kernel: the
+float64 reference on fresh data, NaN-poisoned outputs, repeatable bits,
+CUDA-graph replays, and act-order through the activation permutation."""
+
+import pytest
+
+import opt4gptq
+from conftest import assert_matches_reference, capture_in_graph, gpu_skip_reason, make_problem, run_op, torch_library
+
+_reason = gpu_skip_reason() or (None if opt4gptq.backend() == "cuda" else "the mma path exists in CUDA builds only")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    return torch_library("cuda")
+
+
+def check(cuda, problem, path="mma"):
+    out = run_op(problem, cuda, path=path)
+    assert opt4gptq.last_kernel() == "mma"
+    assert_matches_reference(out, problem)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+def test_every_format(cuda, group_size, act_order, v2):
+    check(cuda, make_problem(m=5, k=1024, n=256, bits=4, group_size=group_size, act_order=act_order,
+                             use_exllama=True, v2=v2))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 33, 50, 64, 65, 300])
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+def test_every_batch_size(cuda, m, act_order):
+    check(cuda, make_problem(m=m, k=4096, n=512, bits=4, group_size=128, act_order=act_order, use_exllama=True))
+
+
+@pytest.mark.parametrize("n", [32, 96, 4096, 5120])
+@pytest.mark.parametrize("k", [32, 128, 4096, 11008, 13824])
+def test_every_layer_shape(cuda, k, n):
+    # K=32 is one pack: most of the 16 K-slice warps of a block get nothing to do.
+    group = 128 if k % 128 == 0 else 32
+    check(cuda, make_problem(m=3, k=k, n=n, bits=4, group_size=group, act_order=k > 32, use_exllama=True))
+
+
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_is_the_default_for_4bit_exllama_calls(cuda, m, monkeypatch):
+    monkeypatch.delenv("OPT4GPTQ_VARIANT", raising=False)
+    check(cuda, make_problem(m=m, k=512, n=256, bits=4, group_size=128, act_order=True, use_exllama=True), path=None)
+
+
+def test_a_named_variant_gets_the_exllama_family(cuda, monkeypatch):
+    monkeypatch.setenv("OPT4GPTQ_VARIANT", "baseline")
+    problem = make_problem(m=4, k=512, n=256, bits=4, group_size=128, act_order=False, use_exllama=True)
+    run_op(problem, cuda)
+    assert opt4gptq.last_kernel() == "exllama/baseline"
+
+
+def test_unaligned_activations_take_the_gather_loads(cuda):
+    import torch
+
+    problem = make_problem(m=6, k=1024, n=256, bits=4, group_size=128, act_order=False, use_exllama=True)
+    t = problem.t
+    # A column slice: row stride k + 8 halves, base pointer 2 bytes past an allocation boundary.
+    wide = torch.zeros((6, 1024 + 9), dtype=torch.float16, device="cuda")
+    wide[:, 1:1025] = torch.from_numpy(problem.a).cuda()
+    a = wide[:, 1:1025]
+    out = torch.full((6, 256), float("nan"), dtype=torch.float16, device="cuda")
+    args = [torch.from_numpy(x).cuda() for x in (t.qweight, t.qzeros, t.scales)]
+    opt4gptq.gptq_gemm(a, *args, None, True, 4, out=out, path="mma")
+    problem.kernel = opt4gptq.last_kernel()
+    assert_matches_reference(out.cpu().numpy(), problem)
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 64])
+def test_twenty_calls_are_bitwise_identical(m):
+    import torch
+
+    problem = make_problem(m=m, k=4096, n=2048, bits=4, group_size=128, act_order=True, use_exllama=True)
+    t = problem.t
+    perm = torch.from_numpy(problem.perm).cuda()
+    qweight = torch.from_numpy(t.qweight.copy()).cuda()
+    opt4gptq.gptq_shuffle(qweight, perm, 4)
+    args = [torch.from_numpy(problem.a).cuda(), qweight, torch.from_numpy(t.qzeros).cuda(),
+            torch.from_numpy(t.scales).cuda(), perm]
+    first = opt4gptq.gptq_gemm(*args, True, 4, path="mma").clone()
+    problem.kernel = opt4gptq.last_kernel()
+    assert_matches_reference(first.cpu().numpy(), problem)
+    for _ in range(20):
+        assert torch.equal(opt4gptq.gptq_gemm(*args, True, 4, path="mma"), first)
+
+
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_cuda_graph_replay_equals_eager(m):
+    import torch
+
+    problem = make_problem(m=m, k=2048, n=1024, bits=4, group_size=128, act_order=False, use_exllama=True)
+    t = problem.t
+    a, qweight, zeros, scales = (torch.from_numpy(x).cuda() for x in (problem.a, t.qweight, t.qzeros, t.scales))
+    eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, None, True, 4, path="mma").clone()
+    out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
+    graph = capture_in_graph(lambda: opt4gptq.gptq_gemm(a, qweight, zeros, scales, None, True, 4, out=out,
+                                                        path="mma"), out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_refuses_what_it_cannot_serve(cuda):
+    problem = make_problem(m=2, k=256, n=256, bits=8, group_size=128, act_order=False, use_exllama=True)
+    with pytest.raises(ValueError, match="path='mma' needs bit=4"):
+        run_op(problem, cuda, path="mma")
+    problem = make_problem(m=2, k=256, n=80, bits=4, group_size=128, act_order=False, use_exllama=True)
+    with pytest.raises(ValueError, match="N a multiple of 32"):
+        run_op(problem, cuda, path="mma")
+
+
+@pytest.mark.parametrize("m", [1, 12])
+def test_act_order_from_cupy_gathers_inside_the_kernel(m):
+    """torch callers get their activations permuted by torch first; other
+    producers (CuPy here) take the kernel's own gather through the permutation."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    problem = make_problem(m=m, k=2048, n=256, bits=4, group_size=128, act_order=True, use_exllama=True)
+    t = problem.t
+    perm = cupy.asarray(problem.perm)
+    qweight = cupy.asarray(t.qweight)
+    opt4gptq.gptq_shuffle(qweight, perm, 4)
+    out = cupy.full((m, t.n), cupy.nan, dtype=cupy.float16)
+    opt4gptq.gptq_gemm(cupy.asarray(problem.a), qweight, cupy.asarray(t.qzeros), cupy.asarray(t.scales), perm,
+                       True, 4, out=out, path="mma")
+    problem.kernel = opt4gptq.last_kernel()
+    assert problem.kernel == "mma"
+    assert_matches_reference(cupy.asnumpy(out), problem)
