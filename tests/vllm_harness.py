@@ -14,34 +14,58 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 import types
 import zipfile
 from pathlib import Path
+from typing import Iterable, Optional
 
 VLLM_VERSION = "0.3.3"
 GPTQ_MODULE = "vllm.model_executor.layers.quantization.gptq"
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """Where extracted vLLM sources live: $OPT4GPTQ_VLLM_CACHE (a carried copy on
+    machines without network), else ~/.cache/opt4gptq."""
     root = os.environ.get("OPT4GPTQ_VLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opt4gptq")
-    return Path(root) / f"vllm-{VLLM_VERSION}"
+    return Path(root)
+
+
+def cache_dir() -> Path:
+    return cache_root() / f"vllm-{VLLM_VERSION}"
+
+
+def fetch_wheel_sources(version: str, names: Optional[Iterable[str]] = None) -> Path:
+    """The extracted source tree of vLLM `version`: every vllm/*.py, or only
+    `names`. Downloads the wheel from PyPI once (into a temporary folder: current
+    wheels are hundreds of MB, of which only these files are used)."""
+    source = cache_root() / f"vllm-{version}" / "src"
+    wanted = set(names) if names is not None else None
+    if wanted is not None and all((source / name).exists() for name in wanted):
+        return source
+    with tempfile.TemporaryDirectory(prefix="opt4gptq-vllm-") as download:
+        pip = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"vllm=={version}",
+                              "-d", download], capture_output=True, text=True, timeout=900)
+        if pip.returncode != 0:
+            reason = (pip.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"pip download vllm=={version} failed: {reason}")
+        wheel = next(Path(download).glob(f"vllm-{version}-*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if name.startswith("vllm/") and name.endswith(".py") and (wanted is None or name in wanted):
+                    archive.extract(name, source)
+    missing = sorted(n for n in wanted or () if not (source / n).exists())
+    if missing:
+        raise FileNotFoundError(f"vLLM {version}'s wheel lacks {missing}")
+    return source
 
 
 def fetch_source() -> Path:
-    """The extracted vllm/ source tree; downloads the wheel on first use."""
-    target = cache_dir()
-    source = target / "src"
+    """vLLM 0.3.3's extracted vllm/ source tree; downloads the wheel on first use."""
+    source = cache_dir() / "src"
     if (source / "vllm" / "model_executor" / "layers" / "quantization" / "gptq.py").exists():
         return source
-    target.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", f"vllm=={VLLM_VERSION}",
-                    "-d", str(target)], check=True, capture_output=True, timeout=600)
-    wheel = next(target.glob(f"vllm-{VLLM_VERSION}-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
-        for name in archive.namelist():
-            if name.startswith("vllm/") and name.endswith(".py"):
-                archive.extract(name, source)
-    return source
+    return fetch_wheel_sources(VLLM_VERSION)
 
 
 class CompiledOpsGuard:
