@@ -1,7 +1,9 @@
 """Kernel benchmark: every variant on the paper's models' layer shapes.
 
-For each (model layer, M, variant) plus torch's fp16 matmul on dense weights of
-the same shape: median time per call (CUDA-graph replays, weights rotated
+For each (model layer, M, variant) plus two torch peers measured in the same run,
+torch's fp16 matmul on dense weights of the same shape and torch's own int4
+kernel ("tinygemm", `torch._weight_int4pack_mm`, bf16 activations) on the same
+quantized weights: median time per call (CUDA-graph replays, weights rotated
 across enough copies that the L2 cannot hold them), effective bandwidth
 (minimum bytes: packed weights, scales, zeros, activations, output) as GB/s and
 as % of the device-to-device copy bandwidth measured in the same run, TFLOP/s,
@@ -9,6 +11,18 @@ and speedup over `baseline`. Prints a table; writes JSON and PNG charts.
 
     python benchmarks/bench_gemm.py --out benchmarks/results/h100
     python benchmarks/bench_gemm.py --quick          # tiny, also on a CPU-only build
+
+The int4 peer ("torch int4", key `torch_int4`) gets the same 4-bit values and
+group-128 scales as our kernels, converted to tinygemm's format: weights
+`[N, K/2]` uint8 (even k in the high nibble) through
+`torch._convert_weight_to_int4pack(w, innerKTiles=8)` on CUDA (torch >= 2.5;
+the CPU twin `_convert_weight_to_int4pack_for_cpu` takes int32 `[N, K]`), and
+`scales_and_zeros` bf16 `[K/group, N, 2]` with tinygemm's float zero
+`w = (q - 8) * scale + zero`, so GPTQ's `w = scale * (q - z)` becomes
+`zero = scale * (8 - z)`. Its output is checked once per layer against the
+dequantized reference (relative error printed and kept in the JSON) before it
+is timed; where torch lacks the ops, or the check fails, the peer is skipped
+with the reason printed.
 """
 
 from __future__ import annotations
@@ -45,6 +59,77 @@ L2_FLUSH_BYTES = 256 << 20  # rotate weights over at least this much (H100 L2: 5
 def min_bytes(m: int, k: int, n: int, bits: int, group_size: int) -> int:
     groups = k // group_size
     return k * n * bits // 8 + groups * n * 2 + groups * n * bits // 8 + m * k * 2 + m * n * 2
+
+
+INT4_LABEL = "torch int4"
+LABELS = {"torch_int4": INT4_LABEL}
+INT4_INNER_K_TILES = 8
+INT4_MAX_REL_ERR = 1e-2  # bf16 activations and bf16 scales/zeros: ~1e-3 expected; a wrong layout gives ~1
+
+
+def label(column: str) -> str:
+    return LABELS.get(column, column)
+
+
+class Int4Peer:
+    """torch's tinygemm int4 kernel on the device of the run, or a reason why not.
+
+    CUDA/ROCm: `_convert_weight_to_int4pack` (uint8 [N, K/2] in, torch >= 2.5) and
+    `_weight_int4pack_mm`. CPU: `_convert_weight_to_int4pack_for_cpu` (int32 [N, K]
+    in) and `_weight_int4pack_mm_for_cpu`. Both take scales_and_zeros bf16
+    [K/group, N, 2] and compute `x @ ((q - 8) * scale + zero)`.
+    """
+
+    def __init__(self, torch, device: str, bits: int, group_size: int, act_order: bool):
+        self.torch, self.device, self.group_size = torch, device, group_size
+        self.reason = None
+        if device == "cpu":
+            names = ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu")
+        else:
+            names = ("_convert_weight_to_int4pack", "_weight_int4pack_mm")
+        missing = [name for name in names if not hasattr(torch, name)]
+        version = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2] if x.isdigit())
+        if missing:
+            self.reason = f"torch {torch.__version__} has no {', '.join(missing)}"
+        elif device != "cpu" and version < (2, 5):
+            self.reason = f"torch {torch.__version__} < 2.5 (older int4pack contract: int32 input)"
+        elif bits != 4:
+            self.reason = f"tinygemm is 4-bit only (bits={bits})"
+        elif group_size not in (32, 64, 128, 256):
+            self.reason = f"tinygemm takes group sizes 32/64/128/256 (got {group_size})"
+        elif act_order:
+            self.reason = "tinygemm has no act-order (g_idx) support"
+        if self.reason is None:
+            self.convert, self.mm = (getattr(torch, name) for name in names)
+
+    def tensors(self, qweight, qzeros, scales):
+        """GPTQ v1 tensors (torch, on the device, 4-bit, no act-order) -> (packed, scales_and_zeros, W [K, N] fp32)."""
+        torch = self.torch
+        shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+        k8, n = qweight.shape
+        q = ((qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 15).reshape(k8 * 8, n)  # [K, N]
+        groups = scales.shape[0]
+        z = ((qzeros.unsqueeze(-1) >> shifts) & 15).reshape(groups, n) + 1  # v1: stored + 1
+        s = scales.float()
+        rows = torch.arange(k8 * 8, device=qweight.device) // (k8 * 8 // groups)
+        weight = s[rows] * (q - z[rows]).float()  # the dequantized reference
+        scales_and_zeros = torch.stack([s, s * (8 - z).float()], dim=-1).to(torch.bfloat16).contiguous()
+        q_nk = q.t().contiguous()
+        if self.device == "cpu":
+            packed = self.convert(q_nk.to(torch.int32), INT4_INNER_K_TILES)
+        else:
+            packed = self.convert(((q_nk[:, ::2] << 4) | q_nk[:, 1::2]).to(torch.uint8).contiguous(), INT4_INNER_K_TILES)
+        return packed, scales_and_zeros, weight
+
+    def __call__(self, a_bf16, packed, scales_and_zeros):
+        return self.mm(a_bf16, packed, self.group_size, scales_and_zeros)
+
+    def check(self, a, packed, scales_and_zeros, weight) -> float:
+        """Relative (Frobenius) error of the int4 output against a @ dequantized weights (fp32)."""
+        torch = self.torch
+        out = self(a.to(torch.bfloat16), packed, scales_and_zeros).float()
+        ref = a.float() @ weight
+        return float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref))
 
 
 def git_commit() -> str:
@@ -113,6 +198,9 @@ def run_gpu(args) -> dict:
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {bandwidth:.0f} GB/s")
     rng = np.random.default_rng(args.seed)
     rows = []
+    int4 = Int4Peer(torch, "cuda", args.bits, args.group_size, args.act_order)
+    if int4.reason:
+        print(f"{INT4_LABEL}: skipped ({int4.reason})")
     for model in args.models:
         for k, n in MODELS[model]:
             t = pack.random_gptq(k, n, args.bits, args.group_size, act_order=args.act_order, rng=rng)
@@ -126,6 +214,22 @@ def run_gpu(args) -> dict:
                     for _ in range(copies)]
             dense = [torch.randn(k, n, dtype=torch.float16, device="cuda") * 0.02
                      for _ in range(max(2, min(16, L2_FLUSH_BYTES // (k * n * 2) + 1)))]
+            int4_sets, int4_err = [], None
+            if int4.reason is None:
+                try:
+                    packed, sz, weight = int4.tensors(*(torch.from_numpy(x).cuda() for x in (t.qweight, t.qzeros, t.scales)))
+                    probe = torch.randn(max(args.m), k, dtype=torch.float16, device="cuda")
+                    int4_err = int4.check(probe, packed, sz, weight)
+                    del weight, probe
+                    if int4_err > INT4_MAX_REL_ERR:
+                        print(f"{INT4_LABEL}: skipped for {k}x{n}: relative error {int4_err:.2e} against the "
+                              f"dequantized reference (limit {INT4_MAX_REL_ERR:g})")
+                    else:
+                        print(f"{INT4_LABEL}: {k}x{n} relative error {int4_err:.2e} against the dequantized reference")
+                        int4_sets = [(packed.clone(), sz.clone()) for _ in range(copies)]
+                    del packed, sz
+                except Exception as error:  # a contract change in torch must not cost the whole run
+                    print(f"{INT4_LABEL}: skipped for {k}x{n}: {type(error).__name__}: {error}")
             for m in args.m:
                 a = torch.randn(m, k, dtype=torch.float16, device="cuda")
                 out = torch.empty(m, n, dtype=torch.float16, device="cuda")
@@ -136,22 +240,38 @@ def run_gpu(args) -> dict:
                     result[variant] = timer(calls)
                     result[f"{variant}_kernel"] = opt4gptq.last_kernel()
                 for path in args.paths:  # the other kernels, forced, for the dispatch table
-                    calls = [lambda s=s, p=path: opt4gptq.gptq_gemm(a, s[0], s[1], s[2], perm_t, True, args.bits,
-                                                                     out=out, path=p) for s in sets]
+                    forced = None if path == "default" else path  # "default": what the dispatch table picks
+                    calls = [lambda s=s, p=forced: opt4gptq.gptq_gemm(a, s[0], s[1], s[2], perm_t, True, args.bits,
+                                                                       out=out, path=p) for s in sets]
                     result[f"path:{path}"] = timer(calls)
+                    result[f"path:{path}_kernel"] = opt4gptq.last_kernel()
                 result["torch_fp16"] = timer([lambda w=w: torch.matmul(a, w, out=out) for w in dense])
+                if int4_err is not None:
+                    result["torch_int4_relerr"] = int4_err
+                if int4_sets:
+                    a_bf16 = a.to(torch.bfloat16)
+                    result["torch_int4"] = timer([lambda s=s: int4(a_bf16, s[0], s[1]) for s in int4_sets])
                 rows.append(result)
-                line = "  ".join(f"{v} {result[v] * 1e6:8.1f}" for v in args.variants + columns_of(args)[len(args.variants):])
+                line = "  ".join(f"{v} {result[v] * 1e6:8.1f}" for v in columns_of(args) if v in result)
                 print(f"{model:13s} {k:5d}x{n:<5d} M={m:<5d} {line}  (us)", flush=True)
-            del sets, dense
+            del sets, dense, int4_sets
             torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bandwidth, "rows": rows}
+    return {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bandwidth, "rows": rows,
+            "torch_int4_skipped": int4.reason}
 
 
 def run_cpu(args) -> dict:
     """A tiny CPU run so the script is exercised where no GPU exists (CI)."""
     rng = np.random.default_rng(args.seed)
     rows = []
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    int4 = Int4Peer(torch, "cpu", args.bits, 128, args.act_order) if torch is not None else None
+    int4_reason = "torch not installed" if int4 is None else int4.reason
+    if int4_reason:
+        print(f"{INT4_LABEL}: skipped ({int4_reason})")
     for m in args.m:
         k, n = 256, 256
         t = pack.random_gptq(k, n, args.bits, 128, rng=rng)
@@ -165,12 +285,35 @@ def run_cpu(args) -> dict:
         start = time.perf_counter()
         a.astype(np.float32) @ rng.standard_normal((k, n)).astype(np.float32)
         result["torch_fp16"] = time.perf_counter() - start  # numpy stand-in on the CPU
+        if int4_reason is None:
+            try:
+                packed, sz, weight = int4.tensors(*(torch.from_numpy(x) for x in (t.qweight, t.qzeros, t.scales)))
+                a_t = torch.from_numpy(a)
+                err = int4.check(a_t, packed, sz, weight)
+                print(f"{INT4_LABEL}: {k}x{n} M={m} relative error {err:.2e} against the dequantized reference")
+                result["torch_int4_relerr"] = err
+                if err <= INT4_MAX_REL_ERR:
+                    a_bf16 = a_t.to(torch.bfloat16)
+                    start = time.perf_counter()
+                    int4(a_bf16, packed, sz)
+                    result["torch_int4"] = time.perf_counter() - start
+                else:
+                    print(f"{INT4_LABEL}: not timed: error above {INT4_MAX_REL_ERR:g}")
+            except Exception as error:
+                int4_reason = f"{type(error).__name__}: {error}"
+                print(f"{INT4_LABEL}: skipped ({int4_reason})")
         rows.append(result)
-    return {"device": f"cpu ({platform.processor() or platform.machine()})", "copy_bandwidth_gbs": None, "rows": rows}
+    return {"device": f"cpu ({platform.processor() or platform.machine()})", "copy_bandwidth_gbs": None, "rows": rows,
+            "torch_int4_skipped": int4_reason}
 
 
 def columns_of(args) -> List[str]:
-    return args.variants + [f"path:{p}" for p in args.paths] + ["torch_fp16"]
+    return args.variants + [f"path:{p}" for p in args.paths] + ["torch_fp16", "torch_int4"]
+
+
+def peer_columns(rows: List[dict]) -> List[str]:
+    """torch_fp16, and torch_int4 where every row has it (it is skipped as a whole or per layer)."""
+    return ["torch_fp16"] + (["torch_int4"] if rows and all("torch_int4" in r for r in rows) else [])
 
 
 def summarize(report: dict, variants: List[str]) -> List[str]:
@@ -178,8 +321,8 @@ def summarize(report: dict, variants: List[str]) -> List[str]:
     bw = report["copy_bandwidth_gbs"]
     lines = []
     extra = [key for key in report["rows"][0] if key.startswith("path:")] if report["rows"] else []
-    columns = variants + extra + ["torch_fp16"]
-    header = f"{'model':13s} {'M':>5s} " + " ".join(f"{v:>14s}" for v in columns)
+    columns = variants + extra + peer_columns(report["rows"])
+    header = f"{'model':13s} {'M':>5s} " + " ".join(f"{label(v):>14s}" for v in columns)
     lines.append(header + ("   floor_us" if bw else ""))
     by_key: Dict[tuple, List[dict]] = {}
     for row in report["rows"]:
@@ -207,14 +350,15 @@ def charts(report: dict, variants: List[str], out_dir: str) -> None:
     ms = sorted({r["m"] for r in rows})
     # Figure-2 style: per model, gain of each variant over baseline (layers summed, decode M <= 16).
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / max(1, len(variants) - 1)
-    others = [v for v in variants if v != "baseline"]
+    peers = [c for c in peer_columns(rows) if c != "torch_fp16"]
+    others = [v for v in variants if v != "baseline"] + peers
+    width = 0.8 / max(1, len(others))
     for i, v in enumerate(others):
         gains = []
         for model in models:
             sel = [r for r in rows if r["model"] == model and r["m"] <= 16]
             gains.append((sum(r["baseline"] for r in sel) / sum(r[v] for r in sel) - 1) * 100 if sel else 0)
-        ax.bar(np.arange(len(models)) + i * width, gains, width, label=v)
+        ax.bar(np.arange(len(models)) + i * width, gains, width, label=label(v))
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(np.arange(len(models)) + width * (len(others) - 1) / 2, models)
     ax.set_ylabel("kernel time gain over baseline, %  (M <= 16, 4 layers summed)")
@@ -226,12 +370,12 @@ def charts(report: dict, variants: List[str], out_dir: str) -> None:
     if not bw:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for v in variants + ["torch_fp16"]:
+    for v in variants + peer_columns(rows):
         pct = []
         for m in ms:
             sel = [r for r in rows if r["m"] == m]
             pct.append(100 * sum(r["bytes"] for r in sel) / sum(r[v] for r in sel) / 1e9 / bw)
-        ax.plot(ms, pct, marker="o", label=v)
+        ax.plot(ms, pct, marker="o", label=label(v))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("M (rows of activations)")
     ax.set_ylabel("% of copy bandwidth (minimum bytes / time)")
@@ -247,7 +391,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="all", help="comma list of " + ", ".join(MODELS) + " (default all)")
     parser.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="comma list of M")
     parser.add_argument("--variants", default=",".join(opt4gptq.variants()))
-    parser.add_argument("--paths", default="", help="also time these kernels forced (skinny, tiled, dense)")
+    parser.add_argument("--paths", default="", help="also time these kernels forced (mma, exllama, skinny, tiled, dense), "
+                        "or 'default': no variant named, the dispatch table's choice (what vLLM users get)")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--act-order", action="store_true", help="act-order weights (perm applied to activations)")
