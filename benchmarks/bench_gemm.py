@@ -320,7 +320,8 @@ def summarize(report: dict, variants: List[str]) -> List[str]:
     """Per model and M: the four layers summed, speedup over baseline, % of bandwidth."""
     bw = report["copy_bandwidth_gbs"]
     lines = []
-    extra = [key for key in report["rows"][0] if key.startswith("path:")] if report["rows"] else []
+    extra = [key for key in report["rows"][0] if key.startswith("path:") and not key.endswith("_kernel")] \
+        if report["rows"] else []
     columns = variants + extra + peer_columns(report["rows"])
     header = f"{'model':13s} {'M':>5s} " + " ".join(f"{label(v):>14s}" for v in columns)
     lines.append(header + ("   floor_us" if bw else ""))

@@ -13,10 +13,11 @@
 // The 4 columns become MMA rows g and g+8 of two m16 tiles; tokens are the n8
 // axis. So a warp covers 32 columns x 32 k per load, every byte read once.
 //
-// Dequantization: (w >> 4j) & 0x000F000F | 0x64006400 is the half2 pair
-// (1024 + q_j, 1024 + q_{j+4}); subtracting (1024 + zero) is exact, so the MMA
-// sees the integers (q - zero) and accumulates (q - zero) . x in fp32. The
-// scale multiplies that fp32 sum once per group.
+// Dequantization: w & 0x000F000F | 0x64006400 is the half2 pair
+// (1024 + q_0, 1024 + q_4); subtracting (1024 + zero) is exact, so the MMA
+// sees the integers (q - zero) and accumulates (q - zero) . x in fp32 (see
+// multiply_share for the other nibbles). The scale multiplies that fp32 sum
+// once per group.
 //
 // Block: kMmaWarps warps on the same 32 columns, each a contiguous slice of K;
 // the slices' sums meet in shared memory and are added in warp order. No
@@ -70,18 +71,32 @@ __device__ __forceinline__ uint32_t subtract_half2(uint32_t a, uint32_t b)
     return *reinterpret_cast<const uint32_t *>(&d);
 }
 
-// acc[m16 tile][token tile] += (q - zero) . x over this pack's 32 k.
+// Unpacked zero points of the lane's 4 columns, as half2 pairs to subtract:
+// (1024 + z) for nibbles in the low bits, (1024 + 16 z) for nibbles in the high bits.
+struct ZeroPairs {
+    uint32_t low[4];
+    uint32_t high[4];
+};
+
+// acc[m16][tile] += (q - z) . x and acc16[m16][tile] += 16 (q - z) . x over
+// this pack's 32 k. Nibbles j = 0, 2 of each byte pair are masked in place
+// (0x000F000F), j = 1, 3 without a shift (0x00F000F0, i.e. 16 q): one shift
+// per word instead of three. The 16x products go to their own accumulators,
+// which apply_scales divides by 16 (exact).
 template <int TOKEN_TILES>
-__device__ __forceinline__ void multiply_share(const PackShare<TOKEN_TILES> &share, const uint32_t (&zero2)[4],
-                                               float (&acc)[2][TOKEN_TILES][4])
+__device__ __forceinline__ void multiply_share(const PackShare<TOKEN_TILES> &share, const ZeroPairs &zero,
+                                               float (&acc)[2][TOKEN_TILES][4], float (&acc16)[2][TOKEN_TILES][4])
 {
     const uint32_t words[4] = {share.weights.x, share.weights.y, share.weights.z, share.weights.w};
-    uint32_t q[4][4];  // [column][j]: half2 (q_j - z, q_{j+4} - z)
+    uint32_t q[4][4];  // [column][j]: half2 (q_j - z, q_{j+4} - z), times 16 for odd j
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-            q[c][j] = subtract_half2(((words[c] >> (4 * j)) & 0x000F000Fu) | 0x64006400u, zero2[c]);
+    for (int c = 0; c < 4; ++c) {
+        const uint32_t shifted = words[c] >> 8;
+        q[c][0] = subtract_half2(isa::and_or(words[c], 0x000F000Fu, 0x64006400u), zero.low[c]);
+        q[c][1] = subtract_half2(isa::and_or(words[c], 0x00F000F0u, 0x64006400u), zero.high[c]);
+        q[c][2] = subtract_half2(isa::and_or(shifted, 0x000F000Fu, 0x64006400u), zero.low[c]);
+        q[c][3] = subtract_half2(isa::and_or(shifted, 0x00F000F0u, 0x64006400u), zero.high[c]);
+    }
 
 #pragma unroll
     for (int tile = 0; tile < TOKEN_TILES; ++tile) {
@@ -94,10 +109,10 @@ __device__ __forceinline__ void multiply_share(const PackShare<TOKEN_TILES> &sha
         for (int m16 = 0; m16 < 2; ++m16) {
             // Rows g and g + 8 of this m16 tile are columns 2*m16 and 2*m16 + 1 of the lane's four.
             const int c0 = 2 * m16, c1 = 2 * m16 + 1;
-            const uint32_t first[4] = {q[c0][0], q[c1][0], q[c0][1], q[c1][1]};
-            isa::mma_16x8x16(acc[m16][tile], first, x04, x15);
-            const uint32_t second[4] = {q[c0][2], q[c1][2], q[c0][3], q[c1][3]};
-            isa::mma_16x8x16(acc[m16][tile], second, x26, x37);
+            const uint32_t even[4] = {q[c0][0], q[c1][0], q[c0][2], q[c1][2]};
+            isa::mma_16x8x16(acc[m16][tile], even, x04, x26);
+            const uint32_t odd[4] = {q[c0][1], q[c1][1], q[c0][3], q[c1][3]};
+            isa::mma_16x8x16(acc16[m16][tile], odd, x15, x37);
         }
     }
 }
@@ -117,9 +132,9 @@ __device__ __forceinline__ GroupMeta fetch_group(const GemmParams &p, int64_t gr
     return meta;
 }
 
-// Scales as fp32, zero points as half2 (1024 + zero) pairs for the bit trick.
+// Scales as fp32, zero points as the half2 pairs multiply_share subtracts.
 __device__ __forceinline__ void decode_group(const GemmParams &p, const GroupMeta &meta, int64_t column,
-                                             float (&scale)[4], uint32_t (&zero2)[4])
+                                             float (&scale)[4], ZeroPairs &zero)
 {
     const __half2 s01 = *reinterpret_cast<const __half2 *>(&meta.scales.x);
     const __half2 s23 = *reinterpret_cast<const __half2 *>(&meta.scales.y);
@@ -131,15 +146,16 @@ __device__ __forceinline__ void decode_group(const GemmParams &p, const GroupMet
     const uint32_t nibbles = meta.zeros >> (4 * (column % 8));
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-        const uint32_t biased = 0x6400u + ((nibbles >> (4 * c)) & 0xFu) + static_cast<uint32_t>(p.zero_offset);
-        zero2[c] = biased | (biased << 16);
+        const uint32_t z = ((nibbles >> (4 * c)) & 0xFu) + static_cast<uint32_t>(p.zero_offset);  // <= 16
+        zero.low[c] = (0x6400u + z) * 0x00010001u;
+        zero.high[c] = (0x6400u + 16u * z) * 0x00010001u;
     }
 }
 
-// total += acc * scale of the accumulator's row; acc = 0.
+// total += (acc + acc16 / 16) * scale of the accumulator's row; both reset.
 template <int TOKEN_TILES>
-__device__ __forceinline__ void apply_scales(float (&acc)[2][TOKEN_TILES][4], const float (&scale)[4],
-                                             float (&total)[2][TOKEN_TILES][4])
+__device__ __forceinline__ void apply_scales(float (&acc)[2][TOKEN_TILES][4], float (&acc16)[2][TOKEN_TILES][4],
+                                             const float (&scale)[4], float (&total)[2][TOKEN_TILES][4])
 {
 #pragma unroll
     for (int m16 = 0; m16 < 2; ++m16)
@@ -148,8 +164,10 @@ __device__ __forceinline__ void apply_scales(float (&acc)[2][TOKEN_TILES][4], co
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 // Accumulator i: row g (i < 2) or g + 8, i.e. column 2*m16 or 2*m16 + 1.
-                total[m16][tile][i] = fmaf(acc[m16][tile][i], scale[2 * m16 + i / 2], total[m16][tile][i]);
+                const float sum = fmaf(acc16[m16][tile][i], 0.0625f, acc[m16][tile][i]);
+                total[m16][tile][i] = fmaf(sum, scale[2 * m16 + i / 2], total[m16][tile][i]);
                 acc[m16][tile][i] = 0.0f;
+                acc16[m16][tile][i] = 0.0f;
             }
 }
 
@@ -160,18 +178,32 @@ __device__ __forceinline__ void apply_scales(float (&acc)[2][TOKEN_TILES][4], co
 template <int TOKEN_TILES>
 __host__ __device__ constexpr int mma_batch() { return 2; }
 
+// Where a lane's next pack share comes from. Pointers advance by a fixed
+// stride per pack, so the loop does no 64-bit index arithmetic.
 template <int TOKEN_TILES, bool GATHER>
-__device__ __forceinline__ void load_share(const GemmParams &p, int64_t pack, int64_t column, int64_t m0, int g, int t,
-                                           PackShare<TOKEN_TILES> &share)
-{
-    share.weights = isa::load_once_16B(p.qweight + (pack * 4 + t) * p.n + column);
-    const int64_t k0 = pack * 32 + 8 * t;
+struct ShareStream {
+    const uint32_t *weights;    // qweight row 4 * pack + t, column 4g
+    int64_t weight_stride;      // 4 rows of qweight
+    const __half *x[TOKEN_TILES];  // activation row of token g of each tile, at k = 32 * pack + 8t (contiguous case)
+    int64_t k0;                 // 32 * pack + 8t (gather case)
+    bool valid[TOKEN_TILES];    // the tile's token g exists
+
+    __device__ __forceinline__ void load(const GemmParams &p, PackShare<TOKEN_TILES> &share, int64_t token0)
+    {
+        share.weights = isa::load_once_16B(weights);
+        weights += weight_stride;
 #pragma unroll
-    for (int tile = 0; tile < TOKEN_TILES; ++tile) {
-        const int64_t token = m0 + tile * 8 + g;
-        share.x[tile] = token < p.m ? load_activations<GATHER>(p, token, k0) : make_uint4(0u, 0u, 0u, 0u);
+        for (int tile = 0; tile < TOKEN_TILES; ++tile) {
+            if constexpr (GATHER) {
+                share.x[tile] = valid[tile] ? load_activations<true>(p, token0 + tile * 8, k0) : make_uint4(0u, 0u, 0u, 0u);
+            } else {
+                share.x[tile] = valid[tile] ? *reinterpret_cast<const uint4 *>(x[tile]) : make_uint4(0u, 0u, 0u, 0u);
+                x[tile] += 32;
+            }
+        }
+        k0 += 32;
     }
-}
+};
 
 // Grid: x = tiles of TOKEN_TILES * 8 rows (neighbours in launch order, so all
 // but the first find the weights in L2), y = 32-column strips.
@@ -186,56 +218,69 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(GemmParams p)
     const int64_t strip = static_cast<int64_t>(blockIdx.y) * kMmaColumns;
     const int64_t column = strip + 4 * g;
     const int64_t m0 = static_cast<int64_t>(blockIdx.x) * TOKEN_TILES * 8;
-    const int64_t packs = p.k / 32;
-    const int64_t packs_per_group = p.group_size / 32;
-    const int64_t begin = packs * warp / kMmaWarps;
-    const int64_t end = packs * (warp + 1) / kMmaWarps;
+    const int packs = static_cast<int>(p.k / 32);
+    const int packs_per_group = p.group_size / 32;
+    const int begin = packs * warp / kMmaWarps;
+    const int end = packs * (warp + 1) / kMmaWarps;
+
+    ShareStream<TOKEN_TILES, GATHER> stream;
+    stream.weights = p.qweight + (static_cast<int64_t>(begin) * 4 + t) * p.n + column;
+    stream.weight_stride = 4 * p.n;
+    stream.k0 = static_cast<int64_t>(begin) * 32 + 8 * t;
+#pragma unroll
+    for (int tile = 0; tile < TOKEN_TILES; ++tile) {
+        const int64_t token = m0 + tile * 8 + g;
+        stream.valid[tile] = token < p.m;
+        stream.x[tile] = p.a + (stream.valid[tile] ? token : 0) * p.lda + stream.k0;
+    }
 
     PackShare<TOKEN_TILES> current[kBatch], next[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
-        if (begin + u < end) load_share<TOKEN_TILES, GATHER>(p, begin + u, column, m0, g, t, current[u]);
-    // The slice's first group is needed at once; the next one is fetched when a group starts.
-    GroupMeta ahead = begin < end ? fetch_group(p, begin / packs_per_group, column) : GroupMeta{};
-    int64_t ahead_group = begin / packs_per_group;
+        if (begin + u < end) stream.load(p, current[u], m0 + g);
 
     float acc[2][TOKEN_TILES][4];
+    float acc16[2][TOKEN_TILES][4];
     float total[2][TOKEN_TILES][4];
 #pragma unroll
     for (int m16 = 0; m16 < 2; ++m16)
 #pragma unroll
         for (int tile = 0; tile < TOKEN_TILES; ++tile)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[m16][tile][i] = total[m16][tile][i] = 0.0f;
+            for (int i = 0; i < 4; ++i) acc[m16][tile][i] = acc16[m16][tile][i] = total[m16][tile][i] = 0.0f;
     float scale[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    uint32_t zero2[4] = {0u, 0u, 0u, 0u};
-    int64_t group = -1;
+    ZeroPairs zero{};
+    // Group bookkeeping by counting, not dividing: the slice's first group is
+    // needed at once, the next one is fetched when a group starts.
+    int group = begin / packs_per_group;
+    int group_end = (group + 1) * packs_per_group;
+    GroupMeta ahead{};
+    if (begin < end) {
+        decode_group(p, fetch_group(p, group, column), column, scale, zero);
+        if (group_end < end) ahead = fetch_group(p, group + 1, column);
+    }
 
-    for (int64_t base = begin; base < end; base += kBatch) {
+    for (int base = begin; base < end; base += kBatch) {
 #pragma unroll
         for (int u = 0; u < kBatch; ++u)
-            if (base + kBatch + u < end) load_share<TOKEN_TILES, GATHER>(p, base + kBatch + u, column, m0, g, t, next[u]);
+            if (base + kBatch + u < end) stream.load(p, next[u], m0 + g);
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
-            const int64_t pack = base + u;
+            const int pack = base + u;
             if (pack >= end) break;
-            const int64_t pack_group = pack / packs_per_group;
-            if (pack_group != group) {
-                apply_scales<TOKEN_TILES>(acc, scale, total);
-                decode_group(p, pack_group == ahead_group ? ahead : fetch_group(p, pack_group, column), column, scale,
-                             zero2);
-                group = pack_group;
-                if ((group + 1) * packs_per_group < end) {
-                    ahead = fetch_group(p, group + 1, column);
-                    ahead_group = group + 1;
-                }
+            if (pack == group_end) {
+                apply_scales<TOKEN_TILES>(acc, acc16, scale, total);
+                ++group;
+                group_end += packs_per_group;
+                decode_group(p, ahead, column, scale, zero);
+                if (group_end < end) ahead = fetch_group(p, group + 1, column);
             }
-            multiply_share<TOKEN_TILES>(current[u], zero2, acc);
+            multiply_share<TOKEN_TILES>(current[u], zero, acc, acc16);
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) current[u] = next[u];
     }
-    apply_scales<TOKEN_TILES>(acc, scale, total);
+    apply_scales<TOKEN_TILES>(acc, acc16, scale, total);
 
     // Warps meet in shared memory, one token tile at a time; added in warp order.
     __shared__ float partial[kMmaWarps][8][kMmaColumns + 1];

@@ -27,6 +27,15 @@ __device__ __forceinline__ uint4 load_once_16B(const void *address)
     return v;
 }
 
+// (a & b) | c in one LOP3: written by hand because with two immediates the
+// compiler emits an AND and an OR.
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c)
+{
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
 // Halves (lo of a, lo of b) or (hi of a, hi of b): one PRMT each.
 __device__ __forceinline__ uint32_t pair_low_halves(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x5410); }
 __device__ __forceinline__ uint32_t pair_high_halves(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x7632); }
