@@ -161,7 +161,8 @@ def test_sm90_mma_path_runs_on_the_tensor_cores_without_atomics(sm90_mma):
     # (LDG.E.NA.128.CONSTANT: .nc + L1::no_allocate); the K-slices meet in shared memory,
     # so no global atomics and no reduction instructions at all.
     kernels = {name: ops for name, ops in sm90_mma.items() if "gemm_mma_kernel" in name}
-    assert len(kernels) == 4, sorted(sm90_mma)  # 8 or 16 rows per block x contiguous or gathered activations
+    # 8 or 16 rows per block, 16 or 4 K-slice warps, contiguous or gathered activations.
+    assert len(kernels) >= 4, sorted(sm90_mma)
     for name, ops in kernels.items():
         assert count(ops, "HMMA.16816.F32") >= 4, name
         assert count(ops, "LDG.E.NA.128") >= 1, name

@@ -19,7 +19,7 @@
 // multiply_share for the other nibbles). The scale multiplies that fp32 sum
 // once per group.
 //
-// Block: kMmaWarps warps on the same 32 columns, each a contiguous slice of K;
+// Block: WARPS warps on the same 32 columns, each a contiguous slice of K;
 // the slices' sums meet in shared memory and are added in warp order. No
 // atomics, no pre-zeroed output: the same bits on every call, graph-safe.
 #pragma once
@@ -28,8 +28,7 @@
 #if O4G_HAVE_MMA
 namespace o4g {
 
-constexpr int kMmaWarps = 16;
-constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaWarps = 16;  // K-slice warps per block unless the launcher picks fewer
 constexpr int kMmaColumns = 32;  // per block (and per warp)
 constexpr int kMmaTokenTiles = 2;  // rows per block: 16 at most; more rows take more blocks
 
@@ -207,8 +206,8 @@ struct ShareStream {
 
 // Grid: x = tiles of TOKEN_TILES * 8 rows (neighbours in launch order, so all
 // but the first find the weights in L2), y = 32-column strips.
-template <int TOKEN_TILES, bool GATHER>
-__global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(GemmParams p)
+template <int TOKEN_TILES, bool GATHER, int WARPS = kMmaWarps>
+__global__ void __launch_bounds__(WARPS * 32) gemm_mma_kernel(GemmParams p)
 {
     constexpr int kBatch = mma_batch<TOKEN_TILES>();
     const int warp = threadIdx.x / 32;
@@ -220,8 +219,8 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(GemmParams p)
     const int64_t m0 = static_cast<int64_t>(blockIdx.x) * TOKEN_TILES * 8;
     const int packs = static_cast<int>(p.k / 32);
     const int packs_per_group = p.group_size / 32;
-    const int begin = packs * warp / kMmaWarps;
-    const int end = packs * (warp + 1) / kMmaWarps;
+    const int begin = packs * warp / WARPS;
+    const int end = packs * (warp + 1) / WARPS;
 
     ShareStream<TOKEN_TILES, GATHER> stream;
     stream.weights = p.qweight + (static_cast<int64_t>(begin) * 4 + t) * p.n + column;
@@ -283,7 +282,7 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(GemmParams p)
     apply_scales<TOKEN_TILES>(acc, acc16, scale, total);
 
     // Warps meet in shared memory, one token tile at a time; added in warp order.
-    __shared__ float partial[kMmaWarps][8][kMmaColumns + 1];
+    __shared__ float partial[WARPS][8][kMmaColumns + 1];
 #pragma unroll
     for (int tile = 0; tile < TOKEN_TILES; ++tile) {
 #pragma unroll
@@ -295,14 +294,14 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(GemmParams p)
             partial[warp][2 * t + 1][4 * g + 2 * m16 + 1] = total[m16][tile][3];
         }
         __syncthreads();
-        if (threadIdx.x < 8 * kMmaColumns) {
-            const int token = threadIdx.x / kMmaColumns;
-            const int c = threadIdx.x % kMmaColumns;
+        for (int o = threadIdx.x; o < 8 * kMmaColumns; o += WARPS * 32) {
+            const int token = o / kMmaColumns;
+            const int c = o % kMmaColumns;
             const int64_t row = m0 + tile * 8 + token;
             if (row < p.m) {
                 float sum = 0.0f;
 #pragma unroll
-                for (int w = 0; w < kMmaWarps; ++w) sum += partial[w][token][c];
+                for (int w = 0; w < WARPS; ++w) sum += partial[w][token][c];
                 p.out[row * p.n + strip + c] = __float2half_rn(sum);
             }
         }
@@ -310,13 +309,13 @@ __global__ void __launch_bounds__(kMmaThreads) gemm_mma_kernel(GemmParams p)
     }
 }
 
-template <int TOKEN_TILES>
+template <int TOKEN_TILES, int WARPS>
 cudaError_t launch_mma_tiles(const GemmParams &p, bool gather, cudaStream_t stream)
 {
     const dim3 grid(static_cast<unsigned>((p.m + TOKEN_TILES * 8 - 1) / (TOKEN_TILES * 8)),
                     static_cast<unsigned>(p.n / kMmaColumns));
-    if (gather) gemm_mma_kernel<TOKEN_TILES, true><<<grid, kMmaThreads, 0, stream>>>(p);
-    else gemm_mma_kernel<TOKEN_TILES, false><<<grid, kMmaThreads, 0, stream>>>(p);
+    if (gather) gemm_mma_kernel<TOKEN_TILES, true, WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
+    else gemm_mma_kernel<TOKEN_TILES, false, WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -330,8 +329,13 @@ cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream);
 cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream)
 {
     const bool gather = p.perm != nullptr || (p.lda % 8) != 0 || (reinterpret_cast<uintptr_t>(p.a) % 16) != 0;
-    if (p.m <= 8) return launch_mma_tiles<1>(p, gather, stream);
-    return launch_mma_tiles<kMmaTokenTiles>(p, gather, stream);
+    // K-slice warps per block, measured on the H100 (Llama-2-7B layers summed,
+    // benchmarks/NOTES.md): up to 16 rows 16 warps (M=1: 63 us against 67 with
+    // 8 and 81 with 4); beyond, where every token tile re-reads the weights
+    // from L2, 4 warps (M=64: 224 us against 305 and 267).
+    if (p.m <= 8) return launch_mma_tiles<1, 16>(p, gather, stream);
+    if (p.m <= 16) return launch_mma_tiles<kMmaTokenTiles, 16>(p, gather, stream);
+    return launch_mma_tiles<kMmaTokenTiles, 4>(p, gather, stream);
 }
 #endif
 
