@@ -114,8 +114,10 @@ pub fn exllama_max_rows(bits: u32) -> usize {
 pub const DENSE_MIN_ROWS_EXLLAMA: usize = 20;
 pub const DENSE_MIN_ROWS_G_IDX: usize = 5;
 
-/// Largest M the tensor-core kernel serves by default (provisional).
-pub const MMA_MAX_ROWS: usize = 64;
+/// Largest M the tensor-core kernel serves by default. Measured on the H100
+/// (Llama-2-7B layers summed, benchmarks/NOTES.md): mma 398 us against dense
+/// 468 us at M=128, 580 against 497 at M=192; the crossover is near 157 rows.
+pub const MMA_MAX_ROWS: usize = 144;
 
 /// The tensor-core kernel is compiled into CUDA builds only (mma.sync, sm_80+).
 pub fn mma_built() -> bool {
