@@ -62,7 +62,7 @@ def min_bytes(m: int, k: int, n: int, bits: int, group_size: int) -> int:
 
 
 INT4_LABEL = "torch int4"
-LABELS = {"torch_int4": INT4_LABEL}
+LABELS = {"path:default": "opt4gptq default (mma)", "torch_int4": INT4_LABEL}
 INT4_INNER_K_TILES = 8
 INT4_MAX_REL_ERR = 1e-2  # bf16 activations and bf16 scales/zeros: ~1e-3 expected; a wrong layout gives ~1
 
@@ -352,7 +352,8 @@ def charts(report: dict, variants: List[str], out_dir: str) -> None:
     # Figure-2 style: per model, gain of each variant over baseline (layers summed, decode M <= 16).
     fig, ax = plt.subplots(figsize=(10, 4.5))
     peers = [c for c in peer_columns(rows) if c != "torch_fp16"]
-    others = [v for v in variants if v != "baseline"] + peers
+    forced = [key for key in rows[0] if key.startswith("path:") and not key.endswith("_kernel")] if rows else []
+    others = [v for v in variants if v != "baseline"] + forced + peers
     width = 0.8 / max(1, len(others))
     for i, v in enumerate(others):
         gains = []
@@ -371,7 +372,7 @@ def charts(report: dict, variants: List[str], out_dir: str) -> None:
     if not bw:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for v in variants + peer_columns(rows):
+    for v in variants + forced + peer_columns(rows):
         pct = []
         for m in ms:
             sel = [r for r in rows if r["m"] == m]
