@@ -337,6 +337,28 @@ def summarize(report: dict, variants: List[str]) -> List[str]:
             cells.append(f"{total[v] * 1e6:8.1f} {speed:>5s}")
         floor = sum(r["bytes"] for r in layer_rows) / (bw * 1e9) * 1e6 if bw else None
         lines.append(f"{model:13s} {m:5d} " + " ".join(cells) + (f"   {floor:8.1f}" if floor else ""))
+    return lines + rates(report, variants + extra)
+
+
+def rates(report: dict, ours: List[str]) -> List[str]:
+    """Per model and M, the fastest of our columns as effective GB/s, % of the
+    copy bandwidth and TFLOP/s (four layers summed), next to cuBLAS fp16's TFLOP/s."""
+    bw = report["copy_bandwidth_gbs"]
+    if not bw or not report["rows"]:
+        return []
+    lines = ["", f"{'model':13s} {'M':>5s} {'fastest of ours':>22s} {'GB/s':>8s} {'% copy':>7s} {'TFLOP/s':>8s} "
+             f"{'fp16 TFLOP/s':>12s}"]
+    by_key: Dict[tuple, List[dict]] = {}
+    for row in report["rows"]:
+        by_key.setdefault((row["model"], row["m"]), []).append(row)
+    for (model, m), layer_rows in by_key.items():
+        best = min(ours, key=lambda v: sum(r[v] for r in layer_rows))
+        seconds = sum(r[best] for r in layer_rows)
+        nbytes = sum(r["bytes"] for r in layer_rows)
+        flops = sum(2.0 * r["m"] * r["k"] * r["n"] for r in layer_rows)
+        fp16 = flops / sum(r["torch_fp16"] for r in layer_rows) / 1e12
+        lines.append(f"{model:13s} {m:5d} {label(best):>22s} {nbytes / seconds / 1e9:8.0f} "
+                     f"{100 * nbytes / seconds / 1e9 / bw:6.1f}% {flops / seconds / 1e12:8.2f} {fp16:12.2f}")
     return lines
 
 
