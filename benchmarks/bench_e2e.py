@@ -45,7 +45,6 @@ import os
 import platform
 import statistics
 import struct
-import subprocess
 import sys
 import time
 import zlib
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 
 import opt4gptq
 from opt4gptq import pack
+from provenance import git_commit
 
 # ---------------------------------------------------------------------------
 # the six models
@@ -1098,17 +1098,6 @@ class Progress:
 # ---------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    """OPT4GPTQ_COMMIT (for copies of the tree without .git), else git's HEAD."""
-    if os.environ.get("OPT4GPTQ_COMMIT"):
-        return os.environ["OPT4GPTQ_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:
-        return "unknown"
 
 
 def summarize(report: dict) -> Tuple[List[dict], List[str]]:

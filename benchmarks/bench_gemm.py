@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -42,6 +41,7 @@ import numpy as np
 
 import opt4gptq
 from opt4gptq import pack
+from provenance import git_commit
 
 # K x N of the four linear layers of one decoder layer (qkv, o, gate+up, down).
 MODELS: Dict[str, List[tuple]] = {
@@ -130,17 +130,6 @@ class Int4Peer:
         out = self(a.to(torch.bfloat16), packed, scales_and_zeros).float()
         ref = a.float() @ weight
         return float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref))
-
-
-def git_commit() -> str:
-    """OPT4GPTQ_COMMIT (for copies of the tree without .git), else git's HEAD."""
-    if os.environ.get("OPT4GPTQ_COMMIT"):
-        return os.environ["OPT4GPTQ_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except Exception:
-        return "unknown"
 
 
 class GpuTimer:

@@ -217,3 +217,12 @@ def gpu_skip_reason() -> Optional[str]:
     if not torch.cuda.is_available() or not opt4gptq.devices():
         return f"no GPU visible to this {opt4gptq.backend()} build"
     return None
+
+
+def vllm_source_or_skip(harness: Any) -> Any:
+    """A vLLM harness's downloaded Python source, or a skip that says why not."""
+    try:
+        return harness.fetch_source()
+    except Exception as error:  # no network, no pip: say so
+        pytest.skip(f"cannot fetch vLLM {harness.VLLM_VERSION}'s source from PyPI: {error}")
+

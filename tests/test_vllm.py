@@ -21,7 +21,7 @@ pytest.importorskip("psutil", reason="vLLM 0.3.3's utils import psutil")
 
 import opt4gptq  # noqa: E402
 import opt4gptq.vllm as o4v  # noqa: E402
-from conftest import Problem, assert_matches_reference, fresh_seed  # noqa: E402
+from conftest import Problem, assert_matches_reference, fresh_seed, vllm_source_or_skip  # noqa: E402
 from opt4gptq import pack  # noqa: E402
 
 import vllm_harness  # noqa: E402
@@ -32,10 +32,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and opt4gptq.backend(
 
 @pytest.fixture(scope="module")
 def source():
-    try:
-        return vllm_harness.fetch_source()
-    except Exception as error:  # no network, no pip: say so
-        pytest.skip(f"cannot fetch vLLM {vllm_harness.VLLM_VERSION}'s source from PyPI: {error}")
+    return vllm_source_or_skip(vllm_harness)
 
 
 @pytest.fixture

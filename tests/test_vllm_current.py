@@ -44,7 +44,7 @@ if not hasattr(torch.library, "custom_op"):
 
 import opt4gptq  # noqa: E402
 import opt4gptq.vllm as o4v  # noqa: E402
-from conftest import Problem, assert_matches_reference, fresh_seed, make_problem  # noqa: E402
+from conftest import Problem, assert_matches_reference, fresh_seed, make_problem, vllm_source_or_skip  # noqa: E402
 
 import vllm_current_harness as harness  # noqa: E402
 
@@ -54,10 +54,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and opt4gptq.backend(
 
 @pytest.fixture(scope="module")
 def source():
-    try:
-        return harness.fetch_source()
-    except Exception as error:  # no network, no pip: say so
-        pytest.skip(f"cannot fetch vLLM {harness.VLLM_VERSION}'s source from PyPI: {error}")
+    return vllm_source_or_skip(harness)
 
 
 @pytest.fixture
