@@ -15,8 +15,10 @@ const KERNEL_SOURCES: &[&str] = &[
     "csrc/gptq/instances/exllama_b3.cu",
     "csrc/gptq/instances/exllama_b4.cu",
     "csrc/gptq/instances/exllama_b8.cu",
-    "csrc/gptq/instances/mma_b4.cu",
 ];
+/// NVIDIA-only kernels (mma.sync): compiled into CUDA builds, not ROCm ones,
+/// where api.cu never references them (O4G_HAVE_MMA is 0).
+const CUDA_ONLY_SOURCES: &[&str] = &["csrc/gptq/instances/mma_b4.cu"];
 const HEADERS: &[&str] = &[
     "csrc/opt4gptq.h",
     "csrc/compat/vendor.h",
@@ -48,7 +50,7 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    for file in KERNEL_SOURCES.iter().chain(HEADERS) {
+    for file in KERNEL_SOURCES.iter().chain(CUDA_ONLY_SOURCES).chain(HEADERS) {
         println!("cargo:rerun-if-changed={file}");
     }
 
@@ -123,7 +125,7 @@ fn build_cuda() {
         };
         build.flag(format!("-gencode=arch=compute_{digits},code={code}"));
     }
-    for file in KERNEL_SOURCES {
+    for file in KERNEL_SOURCES.iter().chain(CUDA_ONLY_SOURCES) {
         build.file(file);
     }
     build.compile("opt4gptq_kernels");
