@@ -226,3 +226,23 @@ def vllm_source_or_skip(harness: Any) -> Any:
     except Exception as error:  # no network, no pip: say so
         pytest.skip(f"cannot fetch vLLM {harness.VLLM_VERSION}'s source from PyPI: {error}")
 
+
+def exllama_tensors_on_cuda(problem: Problem) -> tuple:
+    """(a, qweight, qzeros, scales, perm) as CUDA tensors, qweight shuffled the way
+    vLLM does before its first exllama call; perm is None without act-order."""
+    import torch
+
+    t = problem.t
+    perm = None if problem.perm is None else torch.from_numpy(problem.perm).cuda()
+    qweight = torch.from_numpy(t.qweight.copy()).cuda()
+    opt4gptq.gptq_shuffle(qweight, perm, t.bits)
+    a, zeros, scales = (torch.from_numpy(x).cuda() for x in (problem.a, t.qzeros, t.scales))
+    return a, qweight, zeros, scales, perm
+
+
+def nan_like_output(problem: Problem) -> Any:
+    """A NaN-poisoned CUDA float16 [M, N] buffer: anything left unwritten shows."""
+    import torch
+
+    return torch.full((problem.a.shape[0], problem.t.n), float("nan"), dtype=torch.float16, device="cuda")
+

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import opt4gptq
-from conftest import (Problem, assert_matches_reference, capture_in_graph, gpu_skip_reason, make_problem, run_op,
-                      torch_library)
+from conftest import (Problem, assert_matches_reference, capture_in_graph, exllama_tensors_on_cuda, gpu_skip_reason,
+                      make_problem, run_op, torch_library)
 
 _reason = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
@@ -82,11 +82,7 @@ def test_cuda_graph_replay_equals_eager(m):
 
     problem = make_problem(m=m, k=2048, n=512, bits=4, group_size=128, act_order=True, use_exllama=True)
     t = problem.t
-    perm = torch.from_numpy(problem.perm).cuda()
-    qweight = torch.from_numpy(t.qweight.copy()).cuda()
-    opt4gptq.gptq_shuffle(qweight, perm, 4)
-    zeros, scales = torch.from_numpy(t.qzeros).cuda(), torch.from_numpy(t.scales).cuda()
-    a = torch.from_numpy(problem.a).cuda()
+    a, qweight, zeros, scales, perm = exllama_tensors_on_cuda(problem)
     eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4).clone()
 
     out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
@@ -183,12 +179,7 @@ def test_many_rows_take_the_dense_path_and_capture_in_a_graph():
     import torch
 
     problem = make_problem(m=300, k=2048, n=1024, bits=4, group_size=128, act_order=True, use_exllama=True)
-    t = problem.t
-    perm = torch.from_numpy(problem.perm).cuda()
-    qweight = torch.from_numpy(t.qweight.copy()).cuda()
-    opt4gptq.gptq_shuffle(qweight, perm, 4)
-    args = [torch.from_numpy(problem.a).cuda(), qweight, torch.from_numpy(t.qzeros).cuda(),
-            torch.from_numpy(t.scales).cuda(), perm]
+    args = exllama_tensors_on_cuda(problem)
     eager = opt4gptq.gptq_gemm(*args, True, 4).clone()
     assert opt4gptq.last_kernel() == "dense"
     out = torch.empty_like(eager)

@@ -7,7 +7,8 @@ CUDA-graph replays, and act-order through the activation permutation."""
 import pytest
 
 import opt4gptq
-from conftest import assert_matches_reference, capture_in_graph, gpu_skip_reason, make_problem, run_op, torch_library
+from conftest import (assert_matches_reference, capture_in_graph, exllama_tensors_on_cuda, gpu_skip_reason, make_problem,
+                      nan_like_output, run_op, torch_library)
 
 _reason = gpu_skip_reason() or (None if opt4gptq.backend() == "cuda" else "the mma path exists in CUDA builds only")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
@@ -55,8 +56,9 @@ def test_is_the_default_for_4bit_exllama_calls(cuda, m, monkeypatch):
 def test_a_named_variant_gets_the_exllama_family(cuda, monkeypatch):
     monkeypatch.setenv("OPT4GPTQ_VARIANT", "baseline")
     problem = make_problem(m=4, k=512, n=256, bits=4, group_size=128, act_order=False, use_exllama=True)
-    run_op(problem, cuda)
+    out = run_op(problem, cuda)
     assert opt4gptq.last_kernel() == "exllama/baseline"
+    assert_matches_reference(out, problem)
 
 
 def test_unaligned_activations_take_the_gather_loads(cuda):
@@ -80,13 +82,8 @@ def test_twenty_calls_are_bitwise_identical(m):
     import torch
 
     problem = make_problem(m=m, k=4096, n=2048, bits=4, group_size=128, act_order=True, use_exllama=True)
-    t = problem.t
-    perm = torch.from_numpy(problem.perm).cuda()
-    qweight = torch.from_numpy(t.qweight.copy()).cuda()
-    opt4gptq.gptq_shuffle(qweight, perm, 4)
-    args = [torch.from_numpy(problem.a).cuda(), qweight, torch.from_numpy(t.qzeros).cuda(),
-            torch.from_numpy(t.scales).cuda(), perm]
-    first = opt4gptq.gptq_gemm(*args, True, 4, path="mma").clone()
+    args = exllama_tensors_on_cuda(problem)
+    first = opt4gptq.gptq_gemm(*args, True, 4, out=nan_like_output(problem), path="mma").clone()
     problem.kernel = opt4gptq.last_kernel()
     assert_matches_reference(first.cpu().numpy(), problem)
     for _ in range(20):
@@ -98,10 +95,11 @@ def test_cuda_graph_replay_equals_eager(m):
     import torch
 
     problem = make_problem(m=m, k=2048, n=1024, bits=4, group_size=128, act_order=False, use_exllama=True)
-    t = problem.t
-    a, qweight, zeros, scales = (torch.from_numpy(x).cuda() for x in (problem.a, t.qweight, t.qzeros, t.scales))
-    eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, None, True, 4, path="mma").clone()
-    out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
+    a, qweight, zeros, scales, _ = exllama_tensors_on_cuda(problem)
+    eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, None, True, 4, out=nan_like_output(problem), path="mma")
+    problem.kernel = opt4gptq.last_kernel()
+    assert_matches_reference(eager.cpu().numpy(), problem)
+    out = nan_like_output(problem)
     graph = capture_in_graph(lambda: opt4gptq.gptq_gemm(a, qweight, zeros, scales, None, True, 4, out=out,
                                                         path="mma"), out)
     graph.replay()

@@ -3,12 +3,11 @@ properties each one claims (SMB: no atomics, so bitwise repeatable)."""
 
 import functools
 
-import numpy as np
 import pytest
 
 import opt4gptq
 from conftest import (DETERMINISTIC_VARIANTS as DETERMINISTIC, HALF_REL_TOL, assert_matches_reference, capture_in_graph,
-                      exllama_gamma, gpu_skip_reason, make_problem, run_op, torch_library)
+                      exllama_gamma, exllama_tensors_on_cuda, gpu_skip_reason, make_problem, run_op, torch_library)
 
 _reason = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
@@ -74,12 +73,7 @@ def test_twenty_calls(variant, bits, m):
     if bits == 8 and m > 24:
         pytest.skip("8-bit uses the exllama family up to 24 rows")
     problem = shared_problem(m, 4096, 2048, bits, 128, True)
-    t = problem.t
-    perm = torch.from_numpy(problem.perm).cuda()
-    qweight = torch.from_numpy(t.qweight.copy()).cuda()
-    opt4gptq.gptq_shuffle(qweight, perm, bits)
-    args = [torch.from_numpy(problem.a).cuda(), qweight, torch.from_numpy(t.qzeros).cuda(),
-            torch.from_numpy(t.scales).cuda(), perm]
+    args = exllama_tensors_on_cuda(problem)
     first = opt4gptq.gptq_gemm(*args, True, bits, path="exllama").clone()
     assert_matches_reference(first.cpu().numpy(), problem, rel_tol=HALF_REL_TOL, gamma=gamma_of(variant, 4096))
     for _ in range(20):
@@ -96,11 +90,7 @@ def test_cuda_graph(variant, m):
 
     problem = shared_problem(m, 4096, 2048, 4, 128, True)
     t = problem.t
-    perm = torch.from_numpy(problem.perm).cuda()
-    qweight = torch.from_numpy(t.qweight.copy()).cuda()
-    opt4gptq.gptq_shuffle(qweight, perm, 4)
-    zeros, scales = torch.from_numpy(t.qzeros).cuda(), torch.from_numpy(t.scales).cuda()
-    a = torch.from_numpy(problem.a).cuda()
+    a, qweight, zeros, scales, perm = exllama_tensors_on_cuda(problem)
     eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4).clone()
     out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
     graph = capture_in_graph(lambda: opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out), out)

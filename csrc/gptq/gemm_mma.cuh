@@ -174,8 +174,7 @@ __device__ __forceinline__ void apply_scales(float (&acc)[2][TOKEN_TILES][4], fl
 // to two are in flight while one is multiplied. Measured on the H100 at M=1
 // (Llama-2-7B layers summed): 2 packs 83 us, 4 packs 92 us, 8 packs 139 us
 // (spills); fewer registers beat deeper batches here (benchmarks/NOTES.md).
-template <int TOKEN_TILES>
-__host__ __device__ constexpr int mma_batch() { return 2; }
+constexpr int kMmaBatch = 2;
 
 // Where a lane's next pack share comes from. Pointers advance by a fixed
 // stride per pack, so the loop does no 64-bit index arithmetic.
@@ -209,7 +208,7 @@ struct ShareStream {
 template <int TOKEN_TILES, bool GATHER, int WARPS = kMmaWarps>
 __global__ void __launch_bounds__(WARPS * 32) gemm_mma_kernel(GemmParams p)
 {
-    constexpr int kBatch = mma_batch<TOKEN_TILES>();
+    constexpr int kBatch = kMmaBatch;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int g = lane / 4;
