@@ -19,6 +19,29 @@ def cuda():
     return torch_library("cuda")
 
 
+# The two tensor-core kernels behind path="mma" (csrc/gptq/instances/mma_b4.cu
+# picks one per call; OPT4GPTQ_MMA_TUNING forces it): K-slice warps meeting in
+# shared memory, and the cluster split over blocks (Hopper; one block per
+# column tile elsewhere), at its extremes of split and tile width.
+MMA_KERNELS = {
+    "auto": None,
+    "slices": "kernel=slices",
+    "split": "kernel=split",
+    "split1": "kernel=split,split=1",
+    "split8-wide": "kernel=split,split=8,cols=256",
+}
+
+
+@pytest.fixture(params=list(MMA_KERNELS))
+def mma_kernel(request, monkeypatch):
+    tuning = MMA_KERNELS[request.param]
+    if tuning is None:
+        monkeypatch.delenv("OPT4GPTQ_MMA_TUNING", raising=False)
+    else:
+        monkeypatch.setenv("OPT4GPTQ_MMA_TUNING", tuning)
+    return request.param
+
+
 def check(cuda, problem, path="mma"):
     out = run_op(problem, cuda, path=path)
     assert opt4gptq.last_kernel() == "mma"
@@ -28,20 +51,20 @@ def check(cuda, problem, path="mma"):
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
-def test_every_format(cuda, group_size, act_order, v2):
+def test_every_format(mma_kernel, cuda, group_size, act_order, v2):
     check(cuda, make_problem(m=5, k=1024, n=256, bits=4, group_size=group_size, act_order=act_order,
                              use_exllama=True, v2=v2))
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 33, 50, 64, 65, 300])
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
-def test_every_batch_size(cuda, m, act_order):
+def test_every_batch_size(mma_kernel, cuda, m, act_order):
     check(cuda, make_problem(m=m, k=4096, n=512, bits=4, group_size=128, act_order=act_order, use_exllama=True))
 
 
 @pytest.mark.parametrize("n", [32, 96, 4096, 5120])
 @pytest.mark.parametrize("k", [32, 128, 4096, 11008, 13824])
-def test_every_layer_shape(cuda, k, n):
+def test_every_layer_shape(mma_kernel, cuda, k, n):
     # K=32 is one pack: most of the 16 K-slice warps of a block get nothing to do.
     group = 128 if k % 128 == 0 else 32
     check(cuda, make_problem(m=3, k=k, n=n, bits=4, group_size=group, act_order=k > 32, use_exllama=True))
@@ -61,7 +84,7 @@ def test_a_named_variant_gets_the_exllama_family(cuda, monkeypatch):
     assert_matches_reference(out, problem)
 
 
-def test_unaligned_activations_take_the_gather_loads(cuda):
+def test_unaligned_activations_take_the_gather_loads(mma_kernel, cuda):
     import torch
 
     problem = make_problem(m=6, k=1024, n=256, bits=4, group_size=128, act_order=False, use_exllama=True)
@@ -78,7 +101,7 @@ def test_unaligned_activations_take_the_gather_loads(cuda):
 
 
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 64])
-def test_twenty_calls_are_bitwise_identical(m):
+def test_twenty_calls_are_bitwise_identical(mma_kernel, m):
     import torch
 
     problem = make_problem(m=m, k=4096, n=2048, bits=4, group_size=128, act_order=True, use_exllama=True)
@@ -91,7 +114,7 @@ def test_twenty_calls_are_bitwise_identical(m):
 
 
 @pytest.mark.parametrize("m", [1, 16, 40])
-def test_cuda_graph_replay_equals_eager(m):
+def test_cuda_graph_replay_equals_eager(mma_kernel, m):
     import torch
 
     problem = make_problem(m=m, k=2048, n=1024, bits=4, group_size=128, act_order=False, use_exllama=True)
@@ -117,7 +140,7 @@ def test_refuses_what_it_cannot_serve(cuda):
 
 
 @pytest.mark.parametrize("m", [1, 12])
-def test_act_order_from_cupy_gathers_inside_the_kernel(m):
+def test_act_order_from_cupy_gathers_inside_the_kernel(mma_kernel, m):
     """torch callers get their activations permuted by torch first; other
     producers (CuPy here) take the kernel's own gather through the permutation."""
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed")

@@ -321,11 +321,12 @@ cudaError_t launch_mma_tiles(const GemmParams &p, bool gather, cudaStream_t stre
 // Requirements, checked by the Rust dispatch: 4-bit, no g_idx, group size a
 // multiple of 32, n a multiple of 32, qweight 16-byte aligned.
 // Activations go through the gather path when permuted or not 16-byte aligned.
-// Defined in instances/mma_b4.cu (its own translation unit, compiled in parallel).
+// Defined in instances/mma_b4.cu (its own translation unit, compiled in parallel),
+// which also picks between this kernel and gemm_mma_split.cuh's.
 cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream);
 
 #ifdef O4G_MMA_INSTANCES
-cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream)
+cudaError_t launch_mma_slices(const GemmParams &p, cudaStream_t stream)
 {
     const bool gather = p.perm != nullptr || (p.lda % 8) != 0 || (reinterpret_cast<uintptr_t>(p.a) % 16) != 0;
     // K-slice warps per block, measured on the H100 (Llama-2-7B layers summed,
