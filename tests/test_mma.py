@@ -19,16 +19,17 @@ def cuda():
     return torch_library("cuda")
 
 
-# The two tensor-core kernels behind path="mma" (csrc/gptq/instances/mma_b4.cu
-# picks one per call; OPT4GPTQ_MMA_TUNING forces it): K-slice warps meeting in
-# shared memory, and the cluster split over blocks (Hopper; one block per
-# column tile elsewhere), at its extremes of split and tile width.
+# The block shapes the mma kernel runs with (csrc/gptq/instances/mma_b4.cu
+# picks one per call; OPT4GPTQ_MMA_TUNING forces one): K-slice warps on one
+# 32-column strip, or 2-4 column warps side by side with fewer K slices each.
 MMA_KERNELS = {
     "auto": None,
-    "slices": "kernel=slices",
-    "split": "kernel=split",
-    "split1": "kernel=split,split=1",
-    "split8-wide": "kernel=split,split=8,cols=256",
+    "c32w16": "cols=32,warps=16",
+    "c32w4": "cols=32,warps=4",
+    "c64w16": "cols=64,warps=16",
+    "c64w8": "cols=64,warps=8",
+    "c128w16": "cols=128,warps=16",
+    "c128w4": "cols=128,warps=4",
 }
 
 

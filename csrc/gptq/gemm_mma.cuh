@@ -204,22 +204,31 @@ struct ShareStream {
 };
 
 // Grid: x = tiles of TOKEN_TILES * 8 rows (neighbours in launch order, so all
-// but the first find the weights in L2), y = 32-column strips.
-template <int TOKEN_TILES, bool GATHER, int WARPS = kMmaWarps>
+// but the first find the weights in L2), y = column tiles of COL_WARPS * 32.
+// The block's warps are COL_WARPS side by side (neighbouring warps read the
+// same activations at the same time, so L1 serves all but the first) times
+// WARPS / COL_WARPS slices of K.
+template <int TOKEN_TILES, bool GATHER, int WARPS = kMmaWarps, int COL_WARPS = 1>
 __global__ void __launch_bounds__(WARPS * 32) gemm_mma_kernel(GemmParams p)
 {
+    static_assert(WARPS % COL_WARPS == 0, "whole K slices per column warp");
     constexpr int kBatch = kMmaBatch;
+    constexpr int kSlices = WARPS / COL_WARPS;
+    constexpr int kTileColumns = COL_WARPS * kMmaColumns;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int g = lane / 4;
     const int t = lane % 4;
-    const int64_t strip = static_cast<int64_t>(blockIdx.y) * kMmaColumns;
-    const int64_t column = strip + 4 * g;
+    const int slice = warp / COL_WARPS;
+    const int64_t tile_column = static_cast<int64_t>(blockIdx.y) * kTileColumns;
+    const int64_t strip = tile_column + (warp % COL_WARPS) * kMmaColumns;
+    const bool active = strip < p.n;  // n is a multiple of 32: whole warps in or out
+    const int64_t column = (active ? strip : 0) + 4 * g;
     const int64_t m0 = static_cast<int64_t>(blockIdx.x) * TOKEN_TILES * 8;
     const int packs = static_cast<int>(p.k / 32);
     const int packs_per_group = p.group_size / 32;
-    const int begin = packs * warp / WARPS;
-    const int end = packs * (warp + 1) / WARPS;
+    const int begin = packs * slice / kSlices;
+    const int end = active ? packs * (slice + 1) / kSlices : begin;
 
     ShareStream<TOKEN_TILES, GATHER> stream;
     stream.weights = p.qweight + (static_cast<int64_t>(begin) * 4 + t) * p.n + column;
@@ -280,7 +289,8 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_mma_kernel(GemmParams p)
     }
     apply_scales<TOKEN_TILES>(acc, acc16, scale, total);
 
-    // Warps meet in shared memory, one token tile at a time; added in warp order.
+    // Warps meet in shared memory, one token tile at a time; the K slices of
+    // each column added in slice order.
     __shared__ float partial[WARPS][8][kMmaColumns + 1];
 #pragma unroll
     for (int tile = 0; tile < TOKEN_TILES; ++tile) {
@@ -293,28 +303,29 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_mma_kernel(GemmParams p)
             partial[warp][2 * t + 1][4 * g + 2 * m16 + 1] = total[m16][tile][3];
         }
         __syncthreads();
-        for (int o = threadIdx.x; o < 8 * kMmaColumns; o += WARPS * 32) {
-            const int token = o / kMmaColumns;
-            const int c = o % kMmaColumns;
+        for (int o = threadIdx.x; o < 8 * kTileColumns; o += WARPS * 32) {
+            const int token = o / kTileColumns;
+            const int c = o % kTileColumns;
             const int64_t row = m0 + tile * 8 + token;
-            if (row < p.m) {
+            if (row < p.m && tile_column + c < p.n) {
                 float sum = 0.0f;
 #pragma unroll
-                for (int w = 0; w < WARPS; ++w) sum += partial[w][token][c];
-                p.out[row * p.n + strip + c] = __float2half_rn(sum);
+                for (int s = 0; s < kSlices; ++s) sum += partial[s * COL_WARPS + c / kMmaColumns][token][c % kMmaColumns];
+                p.out[row * p.n + tile_column + c] = __float2half_rn(sum);
             }
         }
         __syncthreads();
     }
 }
 
-template <int TOKEN_TILES, int WARPS>
+template <int TOKEN_TILES, int WARPS, int COL_WARPS = 1>
 cudaError_t launch_mma_tiles(const GemmParams &p, bool gather, cudaStream_t stream)
 {
+    constexpr int kTileColumns = COL_WARPS * kMmaColumns;
     const dim3 grid(static_cast<unsigned>((p.m + TOKEN_TILES * 8 - 1) / (TOKEN_TILES * 8)),
-                    static_cast<unsigned>(p.n / kMmaColumns));
-    if (gather) gemm_mma_kernel<TOKEN_TILES, true, WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
-    else gemm_mma_kernel<TOKEN_TILES, false, WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
+                    static_cast<unsigned>((p.n + kTileColumns - 1) / kTileColumns));
+    if (gather) gemm_mma_kernel<TOKEN_TILES, true, WARPS, COL_WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
+    else gemm_mma_kernel<TOKEN_TILES, false, WARPS, COL_WARPS><<<grid, WARPS * 32, 0, stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -322,22 +333,8 @@ cudaError_t launch_mma_tiles(const GemmParams &p, bool gather, cudaStream_t stre
 // multiple of 32, n a multiple of 32, qweight 16-byte aligned.
 // Activations go through the gather path when permuted or not 16-byte aligned.
 // Defined in instances/mma_b4.cu (its own translation unit, compiled in parallel),
-// which also picks between this kernel and gemm_mma_split.cuh's.
+// which also holds the table of block shapes.
 cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream);
-
-#ifdef O4G_MMA_INSTANCES
-cudaError_t launch_mma_slices(const GemmParams &p, cudaStream_t stream)
-{
-    const bool gather = p.perm != nullptr || (p.lda % 8) != 0 || (reinterpret_cast<uintptr_t>(p.a) % 16) != 0;
-    // K-slice warps per block, measured on the H100 (Llama-2-7B layers summed,
-    // benchmarks/NOTES.md): up to 16 rows 16 warps (M=1: 63 us against 67 with
-    // 8 and 81 with 4); beyond, where every token tile re-reads the weights
-    // from L2, 4 warps (M=64: 224 us against 305 and 267).
-    if (p.m <= 8) return launch_mma_tiles<1, 16>(p, gather, stream);
-    if (p.m <= 16) return launch_mma_tiles<kMmaTokenTiles, 16>(p, gather, stream);
-    return launch_mma_tiles<kMmaTokenTiles, 4>(p, gather, stream);
-}
-#endif
 
 }  // namespace o4g
 #endif  // O4G_HAVE_MMA
