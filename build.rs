@@ -29,6 +29,7 @@ const HEADERS: &[&str] = &[
     "csrc/compat/asm/mma_ptx.cuh",
     "csrc/gptq/gemm_exllama.cuh",
     "csrc/gptq/gemm_mma.cuh",
+    "csrc/gptq/gemm_mma_tiled.cuh",
     "csrc/gptq/common.cuh",
     "csrc/gptq/dequantize.cuh",
     "csrc/gptq/gemm_skinny.cuh",

@@ -148,11 +148,14 @@ def exllama_gamma(variant: str, k: int) -> float:
 
 
 def mma_gamma(k: int) -> float:
-    """The tensor-core path multiplies exact integers (q - z) by fp16 activations
-    (exact products) and sums them in the MMA's fp32 accumulators, whose internal
-    alignment truncates rather than rounds: up to one fp32 ulp (2u32) per add,
-    twice the IEEE fp32 bound. Then one fp32 multiply by the scale per group."""
-    return 2 * fp32_gamma(k) + 2.0**-23
+    """The tensor-core path sums fp16 products in the MMA's fp32 accumulators,
+    whose internal alignment truncates rather than rounds: up to one fp32 ulp
+    (2u32) per add, twice the IEEE fp32 bound. Its K-slice kernel multiplies the
+    exact integers (q - z) and applies the scale once per group in fp32; its
+    tiled kernel rounds each weight (q - z) * s to fp16 first (u, as every GPTQ
+    kernel's dequantization does), then adds at most 16 fp32 partial tiles
+    (K-warps times cluster blocks; within the fp32 term, k >= 32)."""
+    return U + 2 * fp32_gamma(k) + 2.0**-23
 
 
 def assert_matches_reference(out: np.ndarray, problem: Problem, rel_tol: Optional[float] = None,

@@ -19,11 +19,15 @@ def cuda():
     return torch_library("cuda")
 
 
-# The block shapes the mma kernel runs with (csrc/gptq/instances/mma_b4.cu
-# picks one per call; OPT4GPTQ_MMA_TUNING forces one): K-slice warps on one
-# 32-column strip, or 2-4 column warps side by side with fewer K slices each.
+# The kernels and block shapes behind path="mma" (csrc/gptq/instances/mma_b4.cu
+# picks one per call; OPT4GPTQ_MMA_TUNING forces one): the K-slice kernel with
+# K-slice warps on one 32-column strip or 2-4 column warps side by side, and the
+# tiled kernel (64 x 128 tiles; K also split over 1-8 cluster blocks on Hopper).
 MMA_KERNELS = {
     "auto": None,
+    "tiled": "kernel=tiled",
+    "tiled-split1": "kernel=tiled,split=1",
+    "tiled-split8": "kernel=tiled,split=8",
     "c32w16": "cols=32,warps=16",
     "c32w4": "cols=32,warps=4",
     "c64w16": "cols=64,warps=16",

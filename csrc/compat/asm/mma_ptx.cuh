@@ -40,4 +40,19 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c)
 __device__ __forceinline__ uint32_t pair_low_halves(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x5410); }
 __device__ __forceinline__ uint32_t pair_high_halves(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x7632); }
 
+// Asynchronous 16-byte copy global -> shared (sm_80+), bypassing L1. Reads
+// src_bytes (0 or 16) and zero-fills the rest: 0 turns an out-of-range tile
+// edge into zeros without a branch around the copy.
+__device__ __forceinline__ void copy_async_16B(void *shared, const void *global, uint32_t src_bytes)
+{
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(address), "l"(global), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+// Wait until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(pending)); }
+
 }  // namespace o4g::isa

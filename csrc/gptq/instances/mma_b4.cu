@@ -1,19 +1,48 @@
-// The tensor-core kernel (4-bit only) in its own translation unit, with the
-// table of block shapes it runs with. Empty on ROCm.
+// The tensor-core kernels (4-bit only) in their own translation unit, with the
+// table that picks one and its block shape per call. Empty on ROCm.
 #include "../gemm_mma.cuh"
+#include "../gemm_mma_tiled.cuh"
 
 #if O4G_HAVE_MMA
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
 namespace o4g {
 namespace {
 
-// Warps per block and how many of them sit side by side on different
-// columns (the rest slice K).
+constexpr int kMaxDevices = 64;
+
+// What the choice needs to know of the current device, read once per device.
+struct MmaDevice {
+    int sms = 0;
+    bool clusters = false;  // thread-block clusters: compute capability 9.0 and newer
+};
+
+MmaDevice mma_device()
+{
+    static MmaDevice cache[kMaxDevices];
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return MmaDevice{};
+    MmaDevice &facts = cache[device];
+    if (facts.sms == 0) {  // racing first calls compute the same values
+        int major = 0, sms = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+        facts.clusters = major >= 9;
+        facts.sms = sms;
+    }
+    return facts;
+}
+
+// Which kernel, and for the K-slice kernel how many warps per block and how
+// many of them side by side on columns (the rest slice K); for the tiled
+// kernel over how many cluster blocks K is split (0: the table's choice).
 struct MmaShape {
+    bool tiled;
     int warps;
     int col_warps;
+    int splits;
 };
 
 // Measured on the H100 (benchmarks/NOTES.md, Llama-2-7B and Qwen1.5-1.8B layers):
@@ -24,24 +53,34 @@ struct MmaShape {
 //   read the same activations (L1 serves the second): 15-25% faster at M=32-64
 //   on those layers (4096x4096 M=64 19.9 vs 23.7 us), level at M=128; on wider
 //   layers the halved block count costs more than the shared reads save.
-MmaShape table_shape(const GemmParams &p)
+MmaShape table_shape(const GemmParams &p, bool tiled_possible)
 {
-    if (p.m <= 16) return {16, 1};
-    if (p.n <= 4096) return {16, 2};
-    return {4, 1};
+    if (p.m <= 16) return {false, 16, 1, 0};
+    // The tiled kernel costs the same for any number of rows up to a multiple of
+    // 64, and beats the K-slice kernel by ~20% at 128 rows on layers of 7680+
+    // columns (Llama-2-7B 4096x22016: 146 vs 180 us) but loses at 80, 144 and on
+    // narrower layers: taken where its 64-row tiles are at least 80% full.
+    const int64_t tiled_rows = (p.m + TiledShape::kRows - 1) / TiledShape::kRows * TiledShape::kRows;
+    if (tiled_possible && p.m > 64 && 5 * p.m >= 4 * tiled_rows && p.n >= 7680) return {true, 0, 0, 0};
+    if (p.n <= 4096) return {false, 16, 2, 0};
+    return {false, 4, 1, 0};
 }
 
-// OPT4GPTQ_MMA_TUNING="cols=32|64|128,warps=4|8|16" overrides the table, for
-// benchmarking shapes against each other (README, "Environment"). Read on
-// every call (a getenv, well under a launch's cost) so that tests and
-// benchmarks can switch within one process. Unknown shapes fall back to the table.
-MmaShape mma_shape(const GemmParams &p)
+// OPT4GPTQ_MMA_TUNING="kernel=slices|tiled,cols=32|64|128,warps=4|8|16,split=N"
+// overrides the table, for benchmarking kernels and shapes against each other
+// (README, "Environment"). Read on every call (a getenv, well under a launch's
+// cost) so that tests and benchmarks can switch within one process. Unknown
+// shapes fall back to the table's.
+MmaShape mma_shape(const GemmParams &p, bool tiled_possible)
 {
-    MmaShape shape = table_shape(p);
+    MmaShape shape = table_shape(p, tiled_possible);
     const char *text = std::getenv("OPT4GPTQ_MMA_TUNING");
     if (text == nullptr) return shape;
+    if (std::strstr(text, "kernel=slices")) shape = {false, p.m <= 16 ? 16 : 4, 1, 0};
+    if (std::strstr(text, "kernel=tiled") && tiled_possible) shape.tiled = true;
     if (const char *s = std::strstr(text, "cols=")) shape.col_warps = std::atoi(s + 5) / kMmaColumns;
     if (const char *s = std::strstr(text, "warps=")) shape.warps = std::atoi(s + 6);
+    if (const char *s = std::strstr(text, "split=")) shape.splits = std::atoi(s + 6);
     return shape;
 }
 
@@ -54,12 +93,61 @@ cudaError_t launch_rows(const GemmParams &p, bool gather, cudaStream_t stream)
     return launch_mma_tiles<kMmaTokenTiles, WARPS, COL_WARPS>(p, gather, stream);
 }
 
+template <int STAGES, int K_WARPS>
+cudaError_t launch_tiled_shape(const GemmParams &p, int splits, cudaStream_t stream)
+{
+    using S = Tiled<STAGES, K_WARPS>;
+    static bool shared_opt_in[kMaxDevices];
+    int device = 0;
+    cudaGetDevice(&device);
+    if (device >= 0 && device < kMaxDevices && !shared_opt_in[device]) {
+        const cudaError_t error = cudaFuncSetAttribute(gemm_mma_tiled_kernel<STAGES, K_WARPS>,
+                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes);
+        if (error != cudaSuccess) return error;
+        shared_opt_in[device] = true;
+    }
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(splits), static_cast<unsigned>((p.m + S::kRows - 1) / S::kRows),
+                          static_cast<unsigned>((p.n + S::kColumns - 1) / S::kColumns));
+    config.blockDim = dim3(S::kThreads);
+    config.dynamicSmemBytes = S::kSharedBytes;
+    config.stream = stream;
+    cudaLaunchAttribute cluster[1];
+    if (splits > 1) {
+        cluster[0].id = cudaLaunchAttributeClusterDimension;
+        cluster[0].val.clusterDim.x = static_cast<unsigned>(splits);
+        cluster[0].val.clusterDim.y = 1;
+        cluster[0].val.clusterDim.z = 1;
+        config.attrs = cluster;
+        config.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&config, gemm_mma_tiled_kernel<STAGES, K_WARPS>, p, splits);
+}
+
 }  // namespace
+
+// Measured on the H100 (benchmarks/NOTES.md): 6 stages or 4 K-warps per block
+// were no faster (4 K-warps 15-25% slower), so one shape is built.
+cudaError_t launch_mma_tiled(const GemmParams &p, int splits, cudaStream_t stream)
+{
+    return launch_tiled_shape<TiledShape::kStages, TiledShape::kKWarps>(p, splits, stream);
+}
 
 cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream)
 {
     const bool gather = p.perm != nullptr || (p.lda % 8) != 0 || (reinterpret_cast<uintptr_t>(p.a) % 16) != 0;
-    MmaShape shape = mma_shape(p);
+    const bool tiled_possible = !gather && p.k % TiledShape::kStageK == 0 && reinterpret_cast<uintptr_t>(p.scales) % 16 == 0 &&
+                                reinterpret_cast<uintptr_t>(p.qzeros) % 16 == 0;
+    const MmaShape shape = mma_shape(p, tiled_possible);
+    if (shape.tiled) {
+        const MmaDevice device = mma_device();
+        // Enough blocks for every SM (two fit on each); K over up to 8 cluster blocks.
+        const int64_t tiles = (p.n + TiledShape::kColumns - 1) / TiledShape::kColumns * ((p.m + TiledShape::kRows - 1) / TiledShape::kRows);
+        int64_t splits = shape.splits > 0 ? shape.splits : (device.sms + tiles - 1) / tiles;
+        splits = std::min<int64_t>({splits, int64_t{TiledShape::kMaxSplits}, p.k / TiledShape::kStageK});
+        if (!device.clusters || splits < 1) splits = 1;
+        return launch_mma_tiled(p, static_cast<int>(splits), stream);
+    }
     switch (shape.col_warps * 100 + shape.warps) {
     case 104: return launch_rows<4, 1>(p, gather, stream);
     case 108: return launch_rows<8, 1>(p, gather, stream);

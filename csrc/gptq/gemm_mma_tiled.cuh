@@ -1,0 +1,303 @@
+// The tensor-core GEMM for batches (tens to a few hundred rows): a tiled
+// kernel that reads each weight once per 64 rows and each activation once per
+// 128 columns.
+//
+// gemm_mma.cuh's K-slice kernel re-dequantizes the weights for every 16-row
+// tile and re-reads the activations for every 32-64 columns, so from ~32 rows
+// on it runs at the speed of L2 (benchmarks/NOTES.md). Here a block owns a
+// 128-column x 64-row output tile:
+// - Both operands of a 64-k stage, and the scales and zero points of its
+//   groups, arrive in shared memory by cp.async, four stages in flight, in the
+//   exllama layout as stored (no re-layout).
+// - Warp (cw, kw) owns columns cw*32..+31 and pack kw of every stage. It
+//   dequantizes its 16-byte share of the pack once, as gemm_mma.cuh does
+//   (lane (g, t): word row t, 4 columns; the MMA's k slots relabelled to the
+//   lane's own 8 k, here in natural order so that the activations go to the
+//   MMA as loaded), with zero point and scale applied in fp16 ((q - z) exact,
+//   one rounding by the scale, as every GPTQ kernel does), and multiplies it
+//   with all 8 token tiles of the stage: one fp32 accumulator set for all K.
+// - The two K-warps meet in shared memory, added in order; when the layer has
+//   too few column tiles to fill the GPU, K is also split over the blocks of a
+//   thread-block cluster (Hopper) and the blocks' tiles are added in rank order
+//   through distributed shared memory. No atomics, no workspace, the same bits
+//   on every call.
+#pragma once
+#include "gemm_mma.cuh"
+
+#if O4G_HAVE_MMA
+#include <cooperative_groups.h>
+
+namespace o4g {
+
+// The tiled kernel's shape: STAGES stages of K_WARPS packs in flight.
+template <int STAGES, int K_WARPS>
+struct Tiled {
+    static constexpr int kColWarps = 4;
+    static constexpr int kKWarps = K_WARPS;  // packs per stage, one per K-warp
+    static constexpr int kThreads = kColWarps * kKWarps * 32;
+    static constexpr int kMinBlocks = kThreads <= 256 ? 2 : 1;  // per SM, for the register budget
+    static constexpr int kTokenTiles = 8;
+    static constexpr int kRows = kTokenTiles * 8;             // 64 rows per block
+    static constexpr int kColumns = kColWarps * kMmaColumns;  // 128 columns per block
+    static constexpr int kStages = STAGES;
+    static constexpr int kStageK = 32 * kKWarps;
+    static constexpr int kMaxSplits = 8;                      // the portable cluster size
+    // Shared-memory rows are padded so that each 8-lane phase of a warp's
+    // 16-byte reads hits 8 distinct 16-byte bank groups: word row t of lane
+    // (g, t) lands 32 t bytes over (544 = 4 * 128 + 32), activation row g + 1
+    // lands 64 bytes over row g.
+    static constexpr int kWeightRowBytes = kColumns * 4 + 32;
+    static constexpr int kWeightBytes = 4 * kKWarps * kWeightRowBytes;
+    static constexpr int kActRowBytes = kStageK * 2 + 64;
+    static constexpr int kActBytes = kRows * kActRowBytes;
+    // Per pack of the stage: the 128 columns' scales (256 bytes) and zero words (64 bytes) of its group.
+    static constexpr int kMetaPackBytes = kColumns * 2 + kColumns / 2;
+    static constexpr int kMetaBytes = kKWarps * kMetaPackBytes;
+    static constexpr int kMetaCopies = kMetaBytes / 16;  // one per thread for the first threads
+    static constexpr int kStageBytes = kWeightBytes + kActBytes + kMetaBytes;
+    static constexpr int kPartialBytes = kKWarps * kRows * kColumns * 4;  // the epilogue reuses the stages
+    static constexpr int kSharedBytes = kStages * kStageBytes > kPartialBytes ? kStages * kStageBytes : kPartialBytes;
+    static_assert(4 * kKWarps * kColumns * 4 == kThreads * 16, "one 16-byte weight copy per thread per stage");
+    static_assert(kRows * kStageK * 2 == 2 * kThreads * 16, "two 16-byte activation copies per thread per stage");
+    static_assert(kMetaCopies <= kThreads, "at most one group-data copy per thread per stage");
+};
+
+// One group's zero points and scales for a lane's 4 columns, as the half2
+// operands that turn (1024 + q) into (q - z) * s.
+struct ScaledGroup {
+    uint32_t zero_low[4];   // (1024 + z) twice: nibbles in the low bits
+    uint32_t zero_high[4];  // (1024 + 16 z) twice: nibbles in the high bits (16 q)
+    uint32_t scale[4];      // (s, s)
+    uint32_t scale16[4];    // (s / 16, s / 16), exact: a power-of-two step
+};
+
+__device__ __forceinline__ void decode_scaled_group(const GemmParams &p, const GroupMeta &meta, int64_t column,
+                                                    ScaledGroup &group)
+{
+    const uint32_t nibbles = meta.zeros >> (4 * (column % 8));
+    const uint32_t scale_bits[4] = {meta.scales.x & 0xFFFFu, meta.scales.x >> 16, meta.scales.y & 0xFFFFu,
+                                    meta.scales.y >> 16};
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const uint32_t z = ((nibbles >> (4 * c)) & 0xFu) + static_cast<uint32_t>(p.zero_offset);  // <= 16
+        group.zero_low[c] = (0x6400u + z) * 0x00010001u;
+        group.zero_high[c] = (0x6400u + 16u * z) * 0x00010001u;
+        group.scale[c] = scale_bits[c] * 0x00010001u;
+        const __half s16 = __hmul(__ushort_as_half(static_cast<unsigned short>(scale_bits[c])), __float2half(0.0625f));
+        group.scale16[c] = static_cast<uint32_t>(__half_as_ushort(s16)) * 0x00010001u;
+    }
+}
+
+__device__ __forceinline__ uint32_t scaled_weights(uint32_t magic_pair, uint32_t zero, uint32_t scale)
+{
+    const __half2 q = __hsub2(*reinterpret_cast<__half2 *>(&magic_pair), *reinterpret_cast<__half2 *>(&zero));
+    const __half2 w = __hmul2(q, *reinterpret_cast<__half2 *>(&scale));
+    return *reinterpret_cast<const uint32_t *>(&w);
+}
+
+// Grid: x = the cluster's K slices (rank), y = 64-row tiles, z = 128-column tiles.
+template <int STAGES, int K_WARPS>
+__global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES, K_WARPS>::kMinBlocks)
+    gemm_mma_tiled_kernel(GemmParams p, int splits)
+{
+    using S = Tiled<STAGES, K_WARPS>;
+    extern __shared__ __align__(16) unsigned char shared[];
+    const int tid = threadIdx.x;
+    const int warp = tid / 32;
+    const int lane = tid % 32;
+    const int g = lane / 4;
+    const int t = lane % 4;
+    const int cw = warp % S::kColWarps;
+    const int kw = warp / S::kColWarps;
+    const int rank = blockIdx.x;
+    const int64_t m0 = static_cast<int64_t>(blockIdx.y) * S::kRows;
+    const int64_t tile_column = static_cast<int64_t>(blockIdx.z) * S::kColumns;
+    const int64_t warp_column = tile_column + cw * kMmaColumns;
+    const bool active = warp_column < p.n;  // n is a multiple of 32: whole warps in or out
+    const int64_t column = (active ? warp_column : 0) + 4 * g;
+    const int stages = static_cast<int>(p.k / S::kStageK);
+    const int stage_begin = static_cast<int>(static_cast<int64_t>(stages) * rank / splits);
+    const int stage_end = static_cast<int>(static_cast<int64_t>(stages) * (rank + 1) / splits);
+
+    // Copy duties: word row tid / 32 of the stage for 4 columns, and two
+    // 16-byte pieces of activation rows. Outside the matrix: zeros.
+    const int weight_row = tid / 32;
+    const int64_t weight_column = tile_column + 4 * (tid % 32);
+    const bool weight_inside = weight_column < p.n;
+    const uint32_t *weight_source = p.qweight + static_cast<int64_t>(weight_row) * p.n + (weight_inside ? weight_column : 0);
+    const int weight_offset = weight_row * S::kWeightRowBytes + 16 * (tid % 32);
+    const __half *act_source[2];
+    int act_offset[2];
+    bool act_inside[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        constexpr int kPiecesPerRow = S::kStageK / 8;
+        const int piece = tid + j * S::kThreads;
+        const int row = piece / kPiecesPerRow;
+        act_inside[j] = m0 + row < p.m;
+        act_source[j] = p.a + (act_inside[j] ? m0 + row : 0) * p.lda + 8 * (piece % kPiecesPerRow);
+        act_offset[j] = S::kWeightBytes + row * S::kActRowBytes + 16 * (piece % kPiecesPerRow);
+    }
+    // Group data: thread tid < S::kMetaCopies copies piece tid % 20 of pack tid / 20's
+    // group: 16 pieces of scales (8 columns each), then 4 of zero words (32 columns each).
+    constexpr int kPiecesPerPack = S::kMetaPackBytes / 16;
+    const int packs_per_group = p.group_size / 32;
+    const int meta_pack = tid / kPiecesPerPack;
+    const int meta_piece = tid % kPiecesPerPack;
+    const bool meta_scales = meta_piece < S::kColumns / 8;
+    const int64_t meta_column = tile_column + (meta_scales ? 8 * meta_piece : 32 * (meta_piece - S::kColumns / 8));
+    const bool meta_inside = meta_column < p.n;
+    const int meta_offset = S::kWeightBytes + S::kActBytes + tid * 16;
+    auto issue = [&](int stage, int slot) {
+        unsigned char *base = shared + slot * S::kStageBytes;
+        isa::copy_async_16B(base + weight_offset, weight_source + static_cast<int64_t>(stage) * 4 * S::kKWarps * p.n,
+                            weight_inside ? 16u : 0u);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            isa::copy_async_16B(base + act_offset[j], act_source[j] + static_cast<int64_t>(stage) * S::kStageK,
+                                act_inside[j] ? 16u : 0u);
+        if (tid < S::kMetaCopies) {
+            const int64_t group = (stage * S::kKWarps + meta_pack) / packs_per_group;
+            const int64_t column = meta_inside ? meta_column : 0;
+            const void *source = meta_scales ? static_cast<const void *>(p.scales + group * p.n + column)
+                                             : static_cast<const void *>(p.qzeros + group * p.zero_words + column / 8);
+            isa::copy_async_16B(base + meta_offset, source, meta_inside ? 16u : 0u);
+        }
+    };
+
+#pragma unroll
+    for (int i = 0; i < S::kStages - 1; ++i) {
+        if (stage_begin + i < stage_end) issue(stage_begin + i, i);
+        isa::copy_async_commit();  // empty groups keep the count uniform
+    }
+
+    float acc[2][S::kTokenTiles][4];
+#pragma unroll
+    for (int m16 = 0; m16 < 2; ++m16)
+#pragma unroll
+        for (int tile = 0; tile < S::kTokenTiles; ++tile)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m16][tile][i] = 0.0f;
+    ScaledGroup group{};
+    int group_end = -1;  // first pack past the decoded group: decode again only when a pack crosses it
+
+    for (int stage = stage_begin; stage < stage_end; ++stage) {
+        isa::copy_async_wait<S::kStages - 2>();
+        __syncthreads();  // this stage landed for everyone; the slot refilled below is free
+        const int refill = stage + S::kStages - 1;
+        if (refill < stage_end) issue(refill, (refill - stage_begin) % S::kStages);
+        isa::copy_async_commit();
+        if (!active) continue;
+
+        const unsigned char *base = shared + ((stage - stage_begin) % S::kStages) * S::kStageBytes;
+        const int pack = stage * S::kKWarps + kw;
+        if (pack >= group_end) {
+            const unsigned char *meta = base + S::kWeightBytes + S::kActBytes + kw * S::kMetaPackBytes;
+            GroupMeta loaded;
+            loaded.scales = *reinterpret_cast<const uint2 *>(meta + 2 * (cw * kMmaColumns + 4 * g));
+            loaded.zeros = *reinterpret_cast<const uint32_t *>(meta + S::kColumns * 2 + 4 * ((cw * kMmaColumns + 4 * g) / 8));
+            decode_scaled_group(p, loaded, column, group);
+            group_end = (pack / packs_per_group + 1) * packs_per_group;
+        }
+        const uint4 weights =
+            *reinterpret_cast<const uint4 *>(base + (4 * kw + t) * S::kWeightRowBytes + cw * 128 + 16 * g);
+        const uint32_t words[4] = {weights.x, weights.y, weights.z, weights.w};
+        // [column][j]: half2 (w_2j, w_2j+1) of the lane's 8 k in natural order, so
+        // that the activations need no re-pairing: four PRMTs per column here,
+        // once per warp, instead of four per token tile.
+        uint32_t w[4][4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const uint32_t shifted = words[c] >> 8;
+            const uint32_t w04 = scaled_weights(isa::and_or(words[c], 0x000F000Fu, 0x64006400u), group.zero_low[c], group.scale[c]);
+            const uint32_t w15 = scaled_weights(isa::and_or(words[c], 0x00F000F0u, 0x64006400u), group.zero_high[c], group.scale16[c]);
+            const uint32_t w26 = scaled_weights(isa::and_or(shifted, 0x000F000Fu, 0x64006400u), group.zero_low[c], group.scale[c]);
+            const uint32_t w37 = scaled_weights(isa::and_or(shifted, 0x00F000F0u, 0x64006400u), group.zero_high[c], group.scale16[c]);
+            w[c][0] = isa::pair_low_halves(w04, w15);
+            w[c][1] = isa::pair_low_halves(w26, w37);
+            w[c][2] = isa::pair_high_halves(w04, w15);
+            w[c][3] = isa::pair_high_halves(w26, w37);
+        }
+        // Lane (g, t)'s 8 k fill fragment slots {2t, 2t+1, 2t+8, 2t+9} of two k16
+        // MMAs: k 0-3 the first, k 4-7 the second; token g of each tile.
+        const unsigned char *acts = base + S::kWeightBytes + g * S::kActRowBytes + kw * 64 + 16 * t;
+#pragma unroll
+        for (int tile = 0; tile < S::kTokenTiles; ++tile) {
+            const uint4 x = *reinterpret_cast<const uint4 *>(acts + tile * 8 * S::kActRowBytes);
+#pragma unroll
+            for (int m16 = 0; m16 < 2; ++m16) {
+                const int c0 = 2 * m16, c1 = 2 * m16 + 1;  // rows g and g + 8 of this m16 tile
+                const uint32_t low[4] = {w[c0][0], w[c1][0], w[c0][1], w[c1][1]};
+                isa::mma_16x8x16(acc[m16][tile], low, x.x, x.y);
+                const uint32_t high[4] = {w[c0][2], w[c1][2], w[c0][3], w[c1][3]};
+                isa::mma_16x8x16(acc[m16][tile], high, x.z, x.w);
+            }
+        }
+    }
+    isa::copy_async_wait<0>();
+    __syncthreads();  // the stages are free: the epilogue reuses them
+
+    // [K-warp][row][column] partial tiles; accumulators (half, half + 2) are
+    // row 2t + half of the token tile, columns 4g + 2 m16 and the next.
+    float *partial = reinterpret_cast<float *>(shared);
+#pragma unroll
+    for (int tile = 0; tile < S::kTokenTiles; ++tile)
+#pragma unroll
+        for (int m16 = 0; m16 < 2; ++m16)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = tile * 8 + 2 * t + half;
+                const int c = cw * kMmaColumns + 4 * g + 2 * m16;
+                *reinterpret_cast<float2 *>(&partial[(kw * S::kRows + row) * S::kColumns + c]) =
+                    make_float2(acc[m16][tile][half], acc[m16][tile][half + 2]);
+            }
+    __syncthreads();
+    constexpr int kElements = S::kRows * S::kColumns;
+    for (int e = tid; e < kElements; e += S::kThreads) {
+        float sum = partial[e];
+#pragma unroll
+        for (int s = 1; s < S::kKWarps; ++s) sum += partial[s * kElements + e];  // K-warp order
+        if (splits > 1) {
+            partial[e] = sum;  // the block's tile, for the cluster
+            continue;
+        }
+        const int64_t row = m0 + e / S::kColumns;
+        const int64_t col = tile_column + e % S::kColumns;
+        if (row < p.m && col < p.n) p.out[row * p.n + col] = __float2half_rn(sum);
+    }
+    if (splits == 1) return;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    const float *ranks[S::kMaxSplits];  // indexed by unrolled loops only: stays in registers
+#pragma unroll
+    for (int r = 0; r < S::kMaxSplits; ++r) ranks[r] = cluster.map_shared_rank(partial, r < splits ? r : 0);
+    const int share_begin = kElements * rank / splits;
+    const int share_end = kElements * (rank + 1) / splits;
+    for (int e = share_begin + tid; e < share_end; e += S::kThreads) {
+        const int64_t row = m0 + e / S::kColumns;
+        const int64_t col = tile_column + e % S::kColumns;
+        if (row >= p.m || col >= p.n) continue;
+        float sum = 0.0f;
+#pragma unroll
+        for (int r = 0; r < S::kMaxSplits; ++r)
+            if (r < splits) sum += ranks[r][e];  // rank order: the same bits every call
+        p.out[row * p.n + col] = __float2half_rn(sum);
+    }
+    cluster.sync();  // no block leaves while another still reads its shared memory
+#else
+    __trap();  // the launcher splits only on devices with clusters
+#endif
+}
+
+// The shape built (instances/mma_b4.cu).
+using TiledShape = Tiled<4, 2>;
+
+// Requirements beyond launch_mma's: contiguous 16-byte aligned activations
+// (no act-order gather), 16-byte aligned scales and zeros, k a multiple of 64;
+// splits 1 unless the device has clusters. Defined in instances/mma_b4.cu.
+cudaError_t launch_mma_tiled(const GemmParams &p, int splits, cudaStream_t stream);
+
+}  // namespace o4g
+#endif  // O4G_HAVE_MMA
