@@ -45,9 +45,21 @@ struct MmaShape {
     int splits;
 };
 
+// Whole waves: with `blocks` blocks of one per SM, the share of SM slots busy.
+// Compares two block counts' shares exactly: a / ceil(a / sms) >= b / ceil(b / sms).
+bool fills_as_well(int64_t a, int64_t b, int sms)
+{
+    const int64_t waves_a = (a + sms - 1) / sms, waves_b = (b + sms - 1) / sms;
+    return a * waves_b >= b * waves_a;
+}
+
 // Measured on the H100 (benchmarks/NOTES.md, Llama-2-7B and Qwen1.5-1.8B layers):
-// - up to 16 rows: 16 K-slice warps on 32 columns (M=1: 63 us summed against
-//   67 with 8 warps and 81 with 4);
+// - up to 16 rows: 16 warps per block (M=1: 63 us summed against 67 with 8
+//   warps and 81 with 4), on 64 columns (2 column warps x 8 K slices) where
+//   half as many blocks fill the GPU's waves as well as 32-column blocks do,
+//   else on 32 (16 K slices): 64 columns are 10-20% faster on the layers where
+//   both fill alike (4096x22016 M=1 25.1 vs 29.1 us, 2560x13824 12.4 vs 15.4)
+//   and slower where they leave SMs idle (4096x12288 16.5 vs 15.6);
 // - beyond, N > 4096: 4 warps (M=64: 224 us against 305 with 16 and 267 with 8);
 // - beyond, N <= 4096: 16 warps, 2 of them side by side on 64 columns, which
 //   read the same activations (L1 serves the second): 15-25% faster at M=32-64
@@ -55,7 +67,11 @@ struct MmaShape {
 //   layers the halved block count costs more than the shared reads save.
 MmaShape table_shape(const GemmParams &p, bool tiled_possible)
 {
-    if (p.m <= 16) return {false, 16, 1, 0};
+    if (p.m <= 16) {
+        const int sms = mma_device().sms;
+        const bool wide = sms > 0 && fills_as_well((p.n + 63) / 64, p.n / 32, sms);
+        return {false, 16, wide ? 2 : 1, 0};
+    }
     // The tiled kernel costs the same for any number of rows up to a multiple of
     // 64, and beats the K-slice kernel by ~20% at 128 rows on layers of 7680+
     // columns (Llama-2-7B 4096x22016: 146 vs 180 us) but loses at 80, 144 and on
@@ -87,7 +103,7 @@ MmaShape mma_shape(const GemmParams &p, bool tiled_possible)
 template <int WARPS, int COL_WARPS>
 cudaError_t launch_rows(const GemmParams &p, bool gather, cudaStream_t stream)
 {
-    if constexpr (WARPS == 16 && COL_WARPS == 1) {
+    if constexpr (WARPS == 16 && COL_WARPS <= 2) {
         if (p.m <= 8) return launch_mma_tiles<1, WARPS, COL_WARPS>(p, gather, stream);  // one token tile is enough
     }
     return launch_mma_tiles<kMmaTokenTiles, WARPS, COL_WARPS>(p, gather, stream);
