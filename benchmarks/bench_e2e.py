@@ -1125,6 +1125,19 @@ def summarize(report: dict) -> Tuple[List[dict], List[str]]:
     return rows, lines
 
 
+def finish_bars(fig, ax, centers, models, configs, ylabel: str, title: str, path: str) -> None:
+    """Labels, legend under the axes, and the PNG: what both grouped-bar charts share."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xticks(centers, [m["name"] for m in models])
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, ncol=len(configs), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def charts(report: dict, out_dir: str) -> None:
     import matplotlib
 
@@ -1149,25 +1162,15 @@ def charts(report: dict, out_dir: str) -> None:
             errs.append(c["std"] / base)
         ax.bar(x + i * width, heights, width, yerr=errs, capsize=2, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(x + width * (len(configs) - 1) / 2, [m["name"] for m in models])
-    ax.set_ylabel("output tokens/s, normalized to baseline")
-    ax.set_title("End-to-end generation throughput\n" + title, fontsize=10)
-    ax.legend(fontsize=8, ncol=len(configs), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "e2e_throughput.png"), dpi=120)
-    plt.close(fig)
+    finish_bars(fig, ax, x + width * (len(configs) - 1) / 2, models, configs, "output tokens/s, normalized to baseline",
+                "End-to-end generation throughput\n" + title, os.path.join(out_dir, "e2e_throughput.png"))
     # Figure-3 style: mean per-request latency.
     fig, ax = plt.subplots(figsize=(11, 4.8))
     for i, name in enumerate(configs):
         c = [m["configs"][name]["latency_mean_s"] for m in models]
         ax.bar(x + i * width, [v["mean"] for v in c], width, yerr=[v["std"] for v in c], capsize=2, label=name)
-    ax.set_xticks(x + width * (len(configs) - 1) / 2, [m["name"] for m in models])
-    ax.set_ylabel("mean per-request latency, s")
-    ax.set_title("End-to-end request latency\n" + title, fontsize=10)
-    ax.legend(fontsize=8, ncol=len(configs), loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "e2e_latency.png"), dpi=120)
-    plt.close(fig)
+    finish_bars(fig, ax, x + width * (len(configs) - 1) / 2, models, configs, "mean per-request latency, s",
+                "End-to-end request latency\n" + title, os.path.join(out_dir, "e2e_latency.png"))
 
 
 # ---------------------------------------------------------------------------
