@@ -119,12 +119,17 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
     const int stage_begin = static_cast<int>(static_cast<int64_t>(stages) * rank / splits);
     const int stage_end = static_cast<int>(static_cast<int64_t>(stages) * (rank + 1) / splits);
 
-    // Copy duties: word row tid / 32 of the stage for 4 columns, and two
-    // 16-byte pieces of activation rows. Outside the matrix: zeros.
+    // Copy duties: word row tid / 32 of the stage for 4 columns, two 16-byte
+    // pieces of activation rows and, for the first threads, one piece of group
+    // data. Outside the matrix: zeros. Stages are issued in order, so every
+    // source pointer, the group and the ring slot advance by additions: the
+    // loop carries no 64-bit products and no division by the group size.
     const int weight_row = tid / 32;
     const int64_t weight_column = tile_column + 4 * (tid % 32);
     const bool weight_inside = weight_column < p.n;
-    const uint32_t *weight_source = p.qweight + static_cast<int64_t>(weight_row) * p.n + (weight_inside ? weight_column : 0);
+    const int64_t weight_stride = static_cast<int64_t>(4 * S::kKWarps) * p.n;  // words per stage
+    const uint32_t *weight_source = p.qweight + static_cast<int64_t>(weight_row) * p.n + (weight_inside ? weight_column : 0) +
+                                    stage_begin * weight_stride;
     const int weight_offset = weight_row * S::kWeightRowBytes + 16 * (tid % 32);
     const __half *act_source[2];
     int act_offset[2];
@@ -135,7 +140,8 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
         const int piece = tid + j * S::kThreads;
         const int row = piece / kPiecesPerRow;
         act_inside[j] = m0 + row < p.m;
-        act_source[j] = p.a + (act_inside[j] ? m0 + row : 0) * p.lda + 8 * (piece % kPiecesPerRow);
+        act_source[j] = p.a + (act_inside[j] ? m0 + row : 0) * p.lda + 8 * (piece % kPiecesPerRow) +
+                        static_cast<int64_t>(stage_begin) * S::kStageK;
         act_offset[j] = S::kWeightBytes + row * S::kActRowBytes + 16 * (piece % kPiecesPerRow);
     }
     // Group data: thread tid < S::kMetaCopies copies piece tid % 20 of pack tid / 20's
@@ -148,26 +154,34 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
     const int64_t meta_column = tile_column + (meta_scales ? 8 * meta_piece : 32 * (meta_piece - S::kColumns / 8));
     const bool meta_inside = meta_column < p.n;
     const int meta_offset = S::kWeightBytes + S::kActBytes + tid * 16;
-    auto issue = [&](int stage, int slot) {
-        unsigned char *base = shared + slot * S::kStageBytes;
-        isa::copy_async_16B(base + weight_offset, weight_source + static_cast<int64_t>(stage) * 4 * S::kKWarps * p.n,
-                            weight_inside ? 16u : 0u);
+    const int64_t meta_group_bytes = meta_scales ? p.n * 2 : static_cast<int64_t>(p.zero_words) * 4;
+    const int meta_first_pack = stage_begin * S::kKWarps + meta_pack;
+    int meta_pack_in_group = meta_first_pack % packs_per_group;
+    const unsigned char *meta_source =
+        (meta_scales ? reinterpret_cast<const unsigned char *>(p.scales + (meta_inside ? meta_column : 0))
+                     : reinterpret_cast<const unsigned char *>(p.qzeros + (meta_inside ? meta_column : 0) / 8)) +
+        (meta_first_pack / packs_per_group) * meta_group_bytes;
+    unsigned char *issue_base = shared;
+    auto issue_next = [&]() {
+        isa::copy_async_16B(issue_base + weight_offset, weight_source, weight_inside ? 16u : 0u);
+        weight_source += weight_stride;
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-            isa::copy_async_16B(base + act_offset[j], act_source[j] + static_cast<int64_t>(stage) * S::kStageK,
-                                act_inside[j] ? 16u : 0u);
-        if (tid < S::kMetaCopies) {
-            const int64_t group = (stage * S::kKWarps + meta_pack) / packs_per_group;
-            const int64_t column = meta_inside ? meta_column : 0;
-            const void *source = meta_scales ? static_cast<const void *>(p.scales + group * p.n + column)
-                                             : static_cast<const void *>(p.qzeros + group * p.zero_words + column / 8);
-            isa::copy_async_16B(base + meta_offset, source, meta_inside ? 16u : 0u);
+        for (int j = 0; j < 2; ++j) {
+            isa::copy_async_16B(issue_base + act_offset[j], act_source[j], act_inside[j] ? 16u : 0u);
+            act_source[j] += S::kStageK;
         }
+        if (tid < S::kMetaCopies) {
+            isa::copy_async_16B(issue_base + meta_offset, meta_source, meta_inside ? 16u : 0u);
+            for (meta_pack_in_group += S::kKWarps; meta_pack_in_group >= packs_per_group; meta_pack_in_group -= packs_per_group)
+                meta_source += meta_group_bytes;
+        }
+        issue_base += S::kStageBytes;
+        if (issue_base == shared + S::kStages * S::kStageBytes) issue_base = shared;
     };
 
 #pragma unroll
     for (int i = 0; i < S::kStages - 1; ++i) {
-        if (stage_begin + i < stage_end) issue(stage_begin + i, i);
+        if (stage_begin + i < stage_end) issue_next();
         isa::copy_async_commit();  // empty groups keep the count uniform
     }
 
@@ -179,28 +193,33 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[m16][tile][i] = 0.0f;
     ScaledGroup group{};
-    int group_end = -1;  // first pack past the decoded group: decode again only when a pack crosses it
+    // First pack of the group after the decoded one; starting at the first
+    // pack's own group start forces the first decode.
+    int group_end = (stage_begin * S::kKWarps + kw) / packs_per_group * packs_per_group;
+    const unsigned char *base = shared;  // the slot of the stage being multiplied
 
     for (int stage = stage_begin; stage < stage_end; ++stage) {
         isa::copy_async_wait<S::kStages - 2>();
         __syncthreads();  // this stage landed for everyone; the slot refilled below is free
-        const int refill = stage + S::kStages - 1;
-        if (refill < stage_end) issue(refill, (refill - stage_begin) % S::kStages);
+        if (stage + S::kStages - 1 < stage_end) issue_next();
         isa::copy_async_commit();
+        const unsigned char *const slot = base;
+        base += S::kStageBytes;
+        if (base == shared + S::kStages * S::kStageBytes) base = shared;
         if (!active) continue;
 
-        const unsigned char *base = shared + ((stage - stage_begin) % S::kStages) * S::kStageBytes;
         const int pack = stage * S::kKWarps + kw;
         if (pack >= group_end) {
-            const unsigned char *meta = base + S::kWeightBytes + S::kActBytes + kw * S::kMetaPackBytes;
+            const unsigned char *meta = slot + S::kWeightBytes + S::kActBytes + kw * S::kMetaPackBytes;
             GroupMeta loaded;
             loaded.scales = *reinterpret_cast<const uint2 *>(meta + 2 * (cw * kMmaColumns + 4 * g));
             loaded.zeros = *reinterpret_cast<const uint32_t *>(meta + S::kColumns * 2 + 4 * ((cw * kMmaColumns + 4 * g) / 8));
             decode_scaled_group(p, loaded, column, group);
-            group_end = (pack / packs_per_group + 1) * packs_per_group;
+            do group_end += packs_per_group;
+            while (group_end <= pack);
         }
         const uint4 weights =
-            *reinterpret_cast<const uint4 *>(base + (4 * kw + t) * S::kWeightRowBytes + cw * 128 + 16 * g);
+            *reinterpret_cast<const uint4 *>(slot + (4 * kw + t) * S::kWeightRowBytes + cw * 128 + 16 * g);
         const uint32_t words[4] = {weights.x, weights.y, weights.z, weights.w};
         // [column][j]: half2 (w_2j, w_2j+1) of the lane's 8 k in natural order, so
         // that the activations need no re-pairing: four PRMTs per column here,
@@ -220,7 +239,7 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
         }
         // Lane (g, t)'s 8 k fill fragment slots {2t, 2t+1, 2t+8, 2t+9} of two k16
         // MMAs: k 0-3 the first, k 4-7 the second; token g of each tile.
-        const unsigned char *acts = base + S::kWeightBytes + g * S::kActRowBytes + kw * 64 + 16 * t;
+        const unsigned char *acts = slot + S::kWeightBytes + g * S::kActRowBytes + kw * 64 + 16 * t;
 #pragma unroll
         for (int tile = 0; tile < S::kTokenTiles; ++tile) {
             const uint4 x = *reinterpret_cast<const uint4 *>(acts + tile * 8 * S::kActRowBytes);
