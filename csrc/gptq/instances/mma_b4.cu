@@ -73,11 +73,23 @@ MmaShape table_shape(const GemmParams &p, bool tiled_possible)
         return {false, 16, wide ? 2 : 1, 0};
     }
     // The tiled kernel costs the same for any number of rows up to a multiple of
-    // 64, and beats the K-slice kernel by ~20% at 128 rows on layers of 7680+
-    // columns (Llama-2-7B 4096x22016: 146 vs 180 us) but loses at 80, 144 and on
-    // narrower layers: taken where its 64-row tiles are at least 80% full.
-    const int64_t tiled_rows = (p.m + TiledShape::kRows - 1) / TiledShape::kRows * TiledShape::kRows;
-    if (tiled_possible && p.m > 64 && 5 * p.m >= 4 * tiled_rows && p.n >= 7680) return {true, 0, 0, 0};
+    // 64, where the K-slice kernel's cost grows with the rows; so it is taken
+    // where its 64-row tiles are nearly full and the layer is wide enough
+    // (H100, benchmarks/NOTES.md, results/h100/mma_tiled_v4_attempt.txt):
+    // - 58..64 rows (one tile >= 90% full), 12288+ columns: 4096x22016 M=64 82
+    //   vs 92 us, 4096x28672 82 vs 121, 2560x13824 35 vs 41; at 2560x7680 it
+    //   loses (27 vs 25), and at 56 rows the K-slice kernel is still cheaper;
+    // - 104..128 rows (two tiles >= 80% full), 7680+ columns: 4096x22016 M=128
+    //   135 vs 178 us, 2560x7680 35 vs 44; it loses at 80 rows;
+    // - 129..192 rows (three tiles), every layer: there it races dequantize +
+    //   cuBLAS (the K-slice kernel is far behind) and wins on the sum of every
+    //   model measured (Llama-2-7B M=192 446 vs 495 us, LLaMA-13B 612 vs 674);
+    //   past 192 rows dense is ahead (src/dispatch.rs, MMA_MAX_ROWS).
+    const int64_t tiles = (p.m + TiledShape::kRows - 1) / TiledShape::kRows;
+    const int64_t tiled_rows = tiles * TiledShape::kRows;
+    const bool full_enough = tiles == 1 ? 10 * p.m >= 9 * tiled_rows : tiles == 2 ? 5 * p.m >= 4 * tiled_rows : true;
+    const bool wide_enough = tiles == 1 ? p.n >= 12288 : tiles == 2 ? p.n >= 7680 : true;
+    if (tiled_possible && full_enough && wide_enough) return {true, 0, 0, 0};
     if (p.n <= 4096) return {false, 16, 2, 0};
     return {false, 4, 1, 0};
 }
