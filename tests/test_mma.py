@@ -28,6 +28,8 @@ MMA_KERNELS = {
     "tiled": "kernel=tiled",
     "tiled-split1": "kernel=tiled,split=1",
     "tiled-split8": "kernel=tiled,split=8",
+    "tiled-packs1": "kernel=tiled,packs=1",
+    "tiled-packs1-split3": "kernel=tiled,packs=1,split=3",
     "c32w16": "cols=32,warps=16",
     "c32w4": "cols=32,warps=4",
     "c64w16": "cols=64,warps=16",

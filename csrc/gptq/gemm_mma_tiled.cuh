@@ -6,16 +6,17 @@
 // tile and re-reads the activations for every 32-64 columns, so from ~32 rows
 // on it runs at the speed of L2 (benchmarks/NOTES.md). Here a block owns a
 // 128-column x 64-row output tile:
-// - Both operands of a 64-k stage, and the scales and zero points of its
-//   groups, arrive in shared memory by cp.async, four stages in flight, in the
-//   exllama layout as stored (no re-layout).
-// - Warp (cw, kw) owns columns cw*32..+31 and pack kw of every stage. It
-//   dequantizes its 16-byte share of the pack once, as gemm_mma.cuh does
-//   (lane (g, t): word row t, 4 columns; the MMA's k slots relabelled to the
-//   lane's own 8 k, here in natural order so that the activations go to the
-//   MMA as loaded), with zero point and scale applied in fp16 ((q - z) exact,
-//   one rounding by the scale, as every GPTQ kernel does), and multiplies it
-//   with all 8 token tiles of the stage: one fp32 accumulator set for all K.
+// - Both operands of a stage (128 k where K allows, else 64), and the scales
+//   and zero points of its groups, arrive in shared memory by cp.async, three
+//   (four) stages in flight, in the exllama layout as stored (no re-layout).
+// - Warp (cw, kw) owns columns cw*32..+31 and packs kw*P..kw*P+P-1 of every
+//   stage (P = 2 or 1). It dequantizes its 16-byte share of each pack once, as
+//   gemm_mma.cuh does (lane (g, t): word row t, 4 columns; the MMA's k slots
+//   relabelled to the lane's own 8 k, here in natural order so that the
+//   activations go to the MMA as loaded), with zero point and scale applied in
+//   fp16 ((q - z) exact, one rounding by the scale, as every GPTQ kernel does),
+//   and multiplies it with all 8 token tiles of the stage: one fp32
+//   accumulator set for all K.
 // - The two K-warps meet in shared memory, added in order; when the layer has
 //   too few column tiles to fill the GPU, K is also split over the blocks of a
 //   thread-block cluster (Hopper) and the blocks' tiles are added in rank order
@@ -29,36 +30,41 @@
 
 namespace o4g {
 
-// The tiled kernel's shape: STAGES stages of K_WARPS packs in flight.
-template <int STAGES, int K_WARPS>
+// The tiled kernel's shape: STAGES stages in flight, each of K_WARPS x PACKS
+// packs (PACKS consecutive ones per K-warp).
+template <int STAGES, int K_WARPS, int PACKS>
 struct Tiled {
     static constexpr int kColWarps = 4;
-    static constexpr int kKWarps = K_WARPS;  // packs per stage, one per K-warp
+    static constexpr int kKWarps = K_WARPS;
+    static constexpr int kPacks = PACKS;  // per K-warp and stage
+    static constexpr int kStagePacks = kKWarps * kPacks;
     static constexpr int kThreads = kColWarps * kKWarps * 32;
     static constexpr int kMinBlocks = kThreads <= 256 ? 2 : 1;  // per SM, for the register budget
     static constexpr int kTokenTiles = 8;
     static constexpr int kRows = kTokenTiles * 8;             // 64 rows per block
     static constexpr int kColumns = kColWarps * kMmaColumns;  // 128 columns per block
     static constexpr int kStages = STAGES;
-    static constexpr int kStageK = 32 * kKWarps;
+    static constexpr int kStageK = 32 * kStagePacks;
     static constexpr int kMaxSplits = 8;                      // the portable cluster size
     // Shared-memory rows are padded so that each 8-lane phase of a warp's
     // 16-byte reads hits 8 distinct 16-byte bank groups: word row t of lane
     // (g, t) lands 32 t bytes over (544 = 4 * 128 + 32), activation row g + 1
     // lands 64 bytes over row g.
     static constexpr int kWeightRowBytes = kColumns * 4 + 32;
-    static constexpr int kWeightBytes = 4 * kKWarps * kWeightRowBytes;
+    static constexpr int kWeightBytes = 4 * kStagePacks * kWeightRowBytes;
     static constexpr int kActRowBytes = kStageK * 2 + 64;
     static constexpr int kActBytes = kRows * kActRowBytes;
     // Per pack of the stage: the 128 columns' scales (256 bytes) and zero words (64 bytes) of its group.
     static constexpr int kMetaPackBytes = kColumns * 2 + kColumns / 2;
-    static constexpr int kMetaBytes = kKWarps * kMetaPackBytes;
+    static constexpr int kMetaBytes = kStagePacks * kMetaPackBytes;
     static constexpr int kMetaCopies = kMetaBytes / 16;  // one per thread for the first threads
     static constexpr int kStageBytes = kWeightBytes + kActBytes + kMetaBytes;
     static constexpr int kPartialBytes = kKWarps * kRows * kColumns * 4;  // the epilogue reuses the stages
     static constexpr int kSharedBytes = kStages * kStageBytes > kPartialBytes ? kStages * kStageBytes : kPartialBytes;
-    static_assert(4 * kKWarps * kColumns * 4 == kThreads * 16, "one 16-byte weight copy per thread per stage");
-    static_assert(kRows * kStageK * 2 == 2 * kThreads * 16, "two 16-byte activation copies per thread per stage");
+    static constexpr int kWeightCopies = 4 * kStagePacks * kColumns * 4 / (kThreads * 16);  // per thread and stage
+    static constexpr int kActCopies = kRows * kStageK * 2 / (kThreads * 16);
+    static_assert(kWeightCopies * kThreads * 16 == 4 * kStagePacks * kColumns * 4, "whole 16-byte weight copies per thread");
+    static_assert(kActCopies * kThreads * 16 == kRows * kStageK * 2, "whole 16-byte activation copies per thread");
     static_assert(kMetaCopies <= kThreads, "at most one group-data copy per thread per stage");
 };
 
@@ -96,11 +102,9 @@ __device__ __forceinline__ uint32_t scaled_weights(uint32_t magic_pair, uint32_t
 }
 
 // Grid: x = the cluster's K slices (rank), y = 64-row tiles, z = 128-column tiles.
-template <int STAGES, int K_WARPS>
-__global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES, K_WARPS>::kMinBlocks)
-    gemm_mma_tiled_kernel(GemmParams p, int splits)
+template <typename S>
+__global__ void __launch_bounds__(S::kThreads, S::kMinBlocks) gemm_mma_tiled_kernel(GemmParams p, int splits)
 {
-    using S = Tiled<STAGES, K_WARPS>;
     extern __shared__ __align__(16) unsigned char shared[];
     const int tid = threadIdx.x;
     const int warp = tid / 32;
@@ -119,31 +123,28 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
     const int stage_begin = static_cast<int>(static_cast<int64_t>(stages) * rank / splits);
     const int stage_end = static_cast<int>(static_cast<int64_t>(stages) * (rank + 1) / splits);
 
-    // Copy duties: word row tid / 32 of the stage for 4 columns, two 16-byte
+    // Copy duties: word rows tid / 32 + 8 i of the stage for 4 columns, 16-byte
     // pieces of activation rows and, for the first threads, one piece of group
     // data. Outside the matrix: zeros. Stages are issued in order, so every
     // source pointer, the group and the ring slot advance by additions: the
     // loop carries no 64-bit products and no division by the group size.
-    const int weight_row = tid / 32;
+    constexpr int kWeightRowsPerPass = S::kThreads / 32;
     const int64_t weight_column = tile_column + 4 * (tid % 32);
     const bool weight_inside = weight_column < p.n;
-    const int64_t weight_stride = static_cast<int64_t>(4 * S::kKWarps) * p.n;  // words per stage
-    const uint32_t *weight_source = p.qweight + static_cast<int64_t>(weight_row) * p.n + (weight_inside ? weight_column : 0) +
+    const int64_t weight_stride = static_cast<int64_t>(4 * S::kStagePacks) * p.n;  // words per stage
+    const uint32_t *weight_source = p.qweight + static_cast<int64_t>(tid / 32) * p.n + (weight_inside ? weight_column : 0) +
                                     stage_begin * weight_stride;
-    const int weight_offset = weight_row * S::kWeightRowBytes + 16 * (tid % 32);
-    const __half *act_source[2];
-    int act_offset[2];
-    bool act_inside[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        constexpr int kPiecesPerRow = S::kStageK / 8;
-        const int piece = tid + j * S::kThreads;
-        const int row = piece / kPiecesPerRow;
-        act_inside[j] = m0 + row < p.m;
-        act_source[j] = p.a + (act_inside[j] ? m0 + row : 0) * p.lda + 8 * (piece % kPiecesPerRow) +
-                        static_cast<int64_t>(stage_begin) * S::kStageK;
-        act_offset[j] = S::kWeightBytes + row * S::kActRowBytes + 16 * (piece % kPiecesPerRow);
-    }
+    const int64_t weight_pass_stride = static_cast<int64_t>(kWeightRowsPerPass) * p.n;
+    const int weight_offset = (tid / 32) * S::kWeightRowBytes + 16 * (tid % 32);
+    // Activation copy j is row act_row + j * kActRowsPerPass: one running
+    // source pointer for all of them keeps the register count down.
+    constexpr int kPiecesPerRow = S::kStageK / 8;
+    constexpr int kActRowsPerPass = S::kThreads / kPiecesPerRow;
+    const int act_row = tid / kPiecesPerRow;
+    const int64_t act_pass_stride = static_cast<int64_t>(kActRowsPerPass) * p.lda;
+    const __half *act_source = p.a + (m0 + act_row) * p.lda + 8 * (tid % kPiecesPerRow) +
+                               static_cast<int64_t>(stage_begin) * S::kStageK;  // may point past M: not read there
+    const int act_offset = S::kWeightBytes + act_row * S::kActRowBytes + 16 * (tid % kPiecesPerRow);
     // Group data: thread tid < S::kMetaCopies copies piece tid % 20 of pack tid / 20's
     // group: 16 pieces of scales (8 columns each), then 4 of zero words (32 columns each).
     constexpr int kPiecesPerPack = S::kMetaPackBytes / 16;
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
     const bool meta_inside = meta_column < p.n;
     const int meta_offset = S::kWeightBytes + S::kActBytes + tid * 16;
     const int64_t meta_group_bytes = meta_scales ? p.n * 2 : static_cast<int64_t>(p.zero_words) * 4;
-    const int meta_first_pack = stage_begin * S::kKWarps + meta_pack;
+    const int meta_first_pack = stage_begin * S::kStagePacks + meta_pack;
     int meta_pack_in_group = meta_first_pack % packs_per_group;
     const unsigned char *meta_source =
         (meta_scales ? reinterpret_cast<const unsigned char *>(p.scales + (meta_inside ? meta_column : 0))
@@ -163,16 +164,21 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
         (meta_first_pack / packs_per_group) * meta_group_bytes;
     unsigned char *issue_base = shared;
     auto issue_next = [&]() {
-        isa::copy_async_16B(issue_base + weight_offset, weight_source, weight_inside ? 16u : 0u);
+#pragma unroll
+        for (int i = 0; i < S::kWeightCopies; ++i)
+            isa::copy_async_16B(issue_base + weight_offset + i * kWeightRowsPerPass * S::kWeightRowBytes,
+                                weight_source + i * weight_pass_stride, weight_inside ? 16u : 0u);
         weight_source += weight_stride;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            isa::copy_async_16B(issue_base + act_offset[j], act_source[j], act_inside[j] ? 16u : 0u);
-            act_source[j] += S::kStageK;
+        for (int j = 0; j < S::kActCopies; ++j) {
+            const bool inside = m0 + act_row + j * kActRowsPerPass < p.m;
+            isa::copy_async_16B(issue_base + act_offset + j * kActRowsPerPass * S::kActRowBytes,
+                                inside ? act_source + j * act_pass_stride : p.a, inside ? 16u : 0u);
         }
+        act_source += S::kStageK;
         if (tid < S::kMetaCopies) {
             isa::copy_async_16B(issue_base + meta_offset, meta_source, meta_inside ? 16u : 0u);
-            for (meta_pack_in_group += S::kKWarps; meta_pack_in_group >= packs_per_group; meta_pack_in_group -= packs_per_group)
+            for (meta_pack_in_group += S::kStagePacks; meta_pack_in_group >= packs_per_group; meta_pack_in_group -= packs_per_group)
                 meta_source += meta_group_bytes;
         }
         issue_base += S::kStageBytes;
@@ -195,7 +201,7 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
     ScaledGroup group{};
     // First pack of the group after the decoded one; starting at the first
     // pack's own group start forces the first decode.
-    int group_end = (stage_begin * S::kKWarps + kw) / packs_per_group * packs_per_group;
+    int group_end = (stage_begin * S::kStagePacks + kw * S::kPacks) / packs_per_group * packs_per_group;
     const unsigned char *base = shared;  // the slot of the stage being multiplied
 
     for (int stage = stage_begin; stage < stage_end; ++stage) {
@@ -208,48 +214,52 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
         if (base == shared + S::kStages * S::kStageBytes) base = shared;
         if (!active) continue;
 
-        const int pack = stage * S::kKWarps + kw;
-        if (pack >= group_end) {
-            const unsigned char *meta = slot + S::kWeightBytes + S::kActBytes + kw * S::kMetaPackBytes;
-            GroupMeta loaded;
-            loaded.scales = *reinterpret_cast<const uint2 *>(meta + 2 * (cw * kMmaColumns + 4 * g));
-            loaded.zeros = *reinterpret_cast<const uint32_t *>(meta + S::kColumns * 2 + 4 * ((cw * kMmaColumns + 4 * g) / 8));
-            decode_scaled_group(p, loaded, column, group);
-            do group_end += packs_per_group;
-            while (group_end <= pack);
-        }
-        const uint4 weights =
-            *reinterpret_cast<const uint4 *>(slot + (4 * kw + t) * S::kWeightRowBytes + cw * 128 + 16 * g);
-        const uint32_t words[4] = {weights.x, weights.y, weights.z, weights.w};
-        // [column][j]: half2 (w_2j, w_2j+1) of the lane's 8 k in natural order, so
-        // that the activations need no re-pairing: four PRMTs per column here,
-        // once per warp, instead of four per token tile.
-        uint32_t w[4][4];
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const uint32_t shifted = words[c] >> 8;
-            const uint32_t w04 = scaled_weights(isa::and_or(words[c], 0x000F000Fu, 0x64006400u), group.zero_low[c], group.scale[c]);
-            const uint32_t w15 = scaled_weights(isa::and_or(words[c], 0x00F000F0u, 0x64006400u), group.zero_high[c], group.scale16[c]);
-            const uint32_t w26 = scaled_weights(isa::and_or(shifted, 0x000F000Fu, 0x64006400u), group.zero_low[c], group.scale[c]);
-            const uint32_t w37 = scaled_weights(isa::and_or(shifted, 0x00F000F0u, 0x64006400u), group.zero_high[c], group.scale16[c]);
-            w[c][0] = isa::pair_low_halves(w04, w15);
-            w[c][1] = isa::pair_low_halves(w26, w37);
-            w[c][2] = isa::pair_high_halves(w04, w15);
-            w[c][3] = isa::pair_high_halves(w26, w37);
-        }
-        // Lane (g, t)'s 8 k fill fragment slots {2t, 2t+1, 2t+8, 2t+9} of two k16
-        // MMAs: k 0-3 the first, k 4-7 the second; token g of each tile.
-        const unsigned char *acts = slot + S::kWeightBytes + g * S::kActRowBytes + kw * 64 + 16 * t;
-#pragma unroll
-        for (int tile = 0; tile < S::kTokenTiles; ++tile) {
-            const uint4 x = *reinterpret_cast<const uint4 *>(acts + tile * 8 * S::kActRowBytes);
-#pragma unroll
-            for (int m16 = 0; m16 < 2; ++m16) {
-                const int c0 = 2 * m16, c1 = 2 * m16 + 1;  // rows g and g + 8 of this m16 tile
-                const uint32_t low[4] = {w[c0][0], w[c1][0], w[c0][1], w[c1][1]};
-                isa::mma_16x8x16(acc[m16][tile], low, x.x, x.y);
-                const uint32_t high[4] = {w[c0][2], w[c1][2], w[c0][3], w[c1][3]};
-                isa::mma_16x8x16(acc[m16][tile], high, x.z, x.w);
+        for (int i = 0; i < S::kPacks; ++i) {
+            const int stage_pack = kw * S::kPacks + i;  // within the stage
+            const int pack = stage * S::kStagePacks + stage_pack;
+            if (pack >= group_end) {
+                const unsigned char *meta = slot + S::kWeightBytes + S::kActBytes + stage_pack * S::kMetaPackBytes;
+                GroupMeta loaded;
+                loaded.scales = *reinterpret_cast<const uint2 *>(meta + 2 * (cw * kMmaColumns + 4 * g));
+                loaded.zeros = *reinterpret_cast<const uint32_t *>(meta + S::kColumns * 2 + 4 * ((cw * kMmaColumns + 4 * g) / 8));
+                decode_scaled_group(p, loaded, column, group);
+                do group_end += packs_per_group;
+                while (group_end <= pack);
+            }
+            const uint4 weights =
+                *reinterpret_cast<const uint4 *>(slot + (4 * stage_pack + t) * S::kWeightRowBytes + cw * 128 + 16 * g);
+            const uint32_t words[4] = {weights.x, weights.y, weights.z, weights.w};
+            // [column][j]: half2 (w_2j, w_2j+1) of the lane's 8 k in natural order, so
+            // that the activations need no re-pairing: four PRMTs per column here,
+            // once per warp, instead of four per token tile.
+            uint32_t w[4][4];
+    #pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const uint32_t shifted = words[c] >> 8;
+                const uint32_t w04 = scaled_weights(isa::and_or(words[c], 0x000F000Fu, 0x64006400u), group.zero_low[c], group.scale[c]);
+                const uint32_t w15 = scaled_weights(isa::and_or(words[c], 0x00F000F0u, 0x64006400u), group.zero_high[c], group.scale16[c]);
+                const uint32_t w26 = scaled_weights(isa::and_or(shifted, 0x000F000Fu, 0x64006400u), group.zero_low[c], group.scale[c]);
+                const uint32_t w37 = scaled_weights(isa::and_or(shifted, 0x00F000F0u, 0x64006400u), group.zero_high[c], group.scale16[c]);
+                w[c][0] = isa::pair_low_halves(w04, w15);
+                w[c][1] = isa::pair_low_halves(w26, w37);
+                w[c][2] = isa::pair_high_halves(w04, w15);
+                w[c][3] = isa::pair_high_halves(w26, w37);
+            }
+            // Lane (g, t)'s 8 k fill fragment slots {2t, 2t+1, 2t+8, 2t+9} of two k16
+            // MMAs: k 0-3 the first, k 4-7 the second; token g of each tile.
+            const unsigned char *acts = slot + S::kWeightBytes + g * S::kActRowBytes + stage_pack * 64 + 16 * t;
+    #pragma unroll
+            for (int tile = 0; tile < S::kTokenTiles; ++tile) {
+                const uint4 x = *reinterpret_cast<const uint4 *>(acts + tile * 8 * S::kActRowBytes);
+    #pragma unroll
+                for (int m16 = 0; m16 < 2; ++m16) {
+                    const int c0 = 2 * m16, c1 = 2 * m16 + 1;  // rows g and g + 8 of this m16 tile
+                    const uint32_t low[4] = {w[c0][0], w[c1][0], w[c0][1], w[c1][1]};
+                    isa::mma_16x8x16(acc[m16][tile], low, x.x, x.y);
+                    const uint32_t high[4] = {w[c0][2], w[c1][2], w[c0][3], w[c1][3]};
+                    isa::mma_16x8x16(acc[m16][tile], high, x.z, x.w);
+                }
             }
         }
     }
@@ -310,8 +320,11 @@ __global__ void __launch_bounds__(Tiled<STAGES, K_WARPS>::kThreads, Tiled<STAGES
 #endif
 }
 
-// The shape built (instances/mma_b4.cu).
-using TiledShape = Tiled<4, 2>;
+// The shapes built (instances/mma_b4.cu): two packs per K-warp and stage where
+// K is a multiple of 128 (half the barriers and copy bookkeeping per MMA),
+// else one.
+using TiledShape = Tiled<4, 2, 1>;
+using TiledWideShape = Tiled<3, 2, 2>;
 
 // Requirements beyond launch_mma's: contiguous 16-byte aligned activations
 // (no act-order gather), 16-byte aligned scales and zeros, k a multiple of 64;

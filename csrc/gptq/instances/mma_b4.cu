@@ -74,27 +74,27 @@ MmaShape table_shape(const GemmParams &p, bool tiled_possible)
     }
     // The tiled kernel costs the same for any number of rows up to a multiple of
     // 64, where the K-slice kernel's cost grows with the rows; so it is taken
-    // where its 64-row tiles are nearly full and the layer is wide enough
-    // (H100, benchmarks/NOTES.md, results/h100/mma_tiled_v4_attempt.txt):
-    // - 58..64 rows (one tile >= 90% full), 12288+ columns: 4096x22016 M=64 82
-    //   vs 92 us, 4096x28672 82 vs 121, 2560x13824 35 vs 41; at 2560x7680 it
-    //   loses (27 vs 25), and at 56 rows the K-slice kernel is still cheaper;
-    // - 104..128 rows (two tiles >= 80% full), 7680+ columns: 4096x22016 M=128
-    //   135 vs 178 us, 2560x7680 35 vs 44; it loses at 80 rows;
+    // where its 64-row tiles are full enough, and at one tile only on wide
+    // layers (H100, two packs per stage, benchmarks/NOTES.md):
+    // - 58..64 rows (one tile >= 90% full), 12288+ columns: 4096x22016 M=64 75
+    //   vs 91 us, 4096x12288 46 vs 53, 2560x13824 34 vs 41; on narrower layers
+    //   it loses (2560x7680 26 vs 25, 4096x4096 25 vs 20);
+    // - 96..128 rows (two tiles >= 75% full), every layer: Llama-2-7B M=128
+    //   297 vs 408 us summed; at 80 rows the K-slice kernel is still ahead;
     // - 129..192 rows (three tiles), every layer: there it races dequantize +
     //   cuBLAS (the K-slice kernel is far behind) and wins on the sum of every
-    //   model measured (Llama-2-7B M=192 446 vs 495 us, LLaMA-13B 612 vs 674);
+    //   model measured (Llama-2-7B M=192 411 vs 495 us, LLaMA-13B 554 vs 674);
     //   past 192 rows dense is ahead (src/dispatch.rs, MMA_MAX_ROWS).
     const int64_t tiles = (p.m + TiledShape::kRows - 1) / TiledShape::kRows;
     const int64_t tiled_rows = tiles * TiledShape::kRows;
-    const bool full_enough = tiles == 1 ? 10 * p.m >= 9 * tiled_rows : tiles == 2 ? 5 * p.m >= 4 * tiled_rows : true;
-    const bool wide_enough = tiles == 1 ? p.n >= 12288 : tiles == 2 ? p.n >= 7680 : true;
+    const bool full_enough = tiles == 1 ? 10 * p.m >= 9 * tiled_rows : tiles == 2 ? 4 * p.m >= 3 * tiled_rows : true;
+    const bool wide_enough = tiles > 1 || p.n >= 12288;
     if (tiled_possible && full_enough && wide_enough) return {true, 0, 0, 0};
     if (p.n <= 4096) return {false, 16, 2, 0};
     return {false, 4, 1, 0};
 }
 
-// OPT4GPTQ_MMA_TUNING="kernel=slices|tiled,cols=32|64|128,warps=4|8|16,split=N"
+// OPT4GPTQ_MMA_TUNING="kernel=slices|tiled,cols=32|64|128,warps=4|8|16,split=N,packs=1"
 // overrides the table, for benchmarking kernels and shapes against each other
 // (README, "Environment"). Read on every call (a getenv, well under a launch's
 // cost) so that tests and benchmarks can switch within one process. Unknown
@@ -121,15 +121,14 @@ cudaError_t launch_rows(const GemmParams &p, bool gather, cudaStream_t stream)
     return launch_mma_tiles<kMmaTokenTiles, WARPS, COL_WARPS>(p, gather, stream);
 }
 
-template <int STAGES, int K_WARPS>
+template <typename S>
 cudaError_t launch_tiled_shape(const GemmParams &p, int splits, cudaStream_t stream)
 {
-    using S = Tiled<STAGES, K_WARPS>;
     static bool shared_opt_in[kMaxDevices];
     int device = 0;
     cudaGetDevice(&device);
     if (device >= 0 && device < kMaxDevices && !shared_opt_in[device]) {
-        const cudaError_t error = cudaFuncSetAttribute(gemm_mma_tiled_kernel<STAGES, K_WARPS>,
+        const cudaError_t error = cudaFuncSetAttribute(gemm_mma_tiled_kernel<S>,
                                                        cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes);
         if (error != cudaSuccess) return error;
         shared_opt_in[device] = true;
@@ -149,16 +148,21 @@ cudaError_t launch_tiled_shape(const GemmParams &p, int splits, cudaStream_t str
         config.attrs = cluster;
         config.numAttrs = 1;
     }
-    return cudaLaunchKernelEx(&config, gemm_mma_tiled_kernel<STAGES, K_WARPS>, p, splits);
+    return cudaLaunchKernelEx(&config, gemm_mma_tiled_kernel<S>, p, splits);
 }
 
 }  // namespace
 
-// Measured on the H100 (benchmarks/NOTES.md): 6 stages or 4 K-warps per block
-// were no faster (4 K-warps 15-25% slower), so one shape is built.
+// Measured on the H100 (benchmarks/NOTES.md): two packs per K-warp and stage
+// are 10-12% faster than one (Llama-2-7B M=128 297 vs 334 us), where K allows
+// (a multiple of 128); 6 stages or 4 K-warps per block were no faster (4
+// K-warps 15-25% slower). OPT4GPTQ_MMA_TUNING=packs=1 forces the one-pack shape.
 cudaError_t launch_mma_tiled(const GemmParams &p, int splits, cudaStream_t stream)
 {
-    return launch_tiled_shape<TiledShape::kStages, TiledShape::kKWarps>(p, splits, stream);
+    const char *text = std::getenv("OPT4GPTQ_MMA_TUNING");
+    const bool one_pack = text != nullptr && std::strstr(text, "packs=1") != nullptr;
+    if (!one_pack && p.k % TiledWideShape::kStageK == 0) return launch_tiled_shape<TiledWideShape>(p, splits, stream);
+    return launch_tiled_shape<TiledShape>(p, splits, stream);
 }
 
 cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream)
