@@ -33,6 +33,7 @@ const HEADERS: &[&str] = &[
     "csrc/gptq/common.cuh",
     "csrc/gptq/dequantize.cuh",
     "csrc/gptq/gemm_skinny.cuh",
+    "csrc/gptq/splitk_sum.cuh",
     "csrc/gptq/gemm_tiled.cuh",
     "csrc/gptq/permute.cuh",
 ];

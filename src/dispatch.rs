@@ -80,6 +80,12 @@ impl Variant {
         }
     }
 
+    /// Without SMB the exllama kernel splits K over blocks (vLLM 0.3.3's scheme);
+    /// their shares meet in an int64 [M, N] workspace that the caller provides.
+    pub fn splits_k(self) -> bool {
+        self.flags() & 1 == 0
+    }
+
     pub fn parse(name: &str) -> Result<Variant> {
         let names: Vec<_> = Variant::ALL.iter().map(|v| v.name()).collect();
         Variant::ALL
@@ -91,11 +97,13 @@ impl Variant {
 
 /// The variant used when the caller names none.
 ///
-/// Not simply the fastest: on the H100 `vml` is up to 1.15x faster than
-/// baseline at M >= 8, but like vLLM's kernel it adds fp16 atomics in arrival
-/// order, so identical calls can differ in the last bit. The default must be
-/// repeatable; opt4gptq is the fastest variant that is (README, "Variants").
-/// On ROCm it is unmeasured: opt4gptq is the paper's choice for the DCU.
+/// opt4gptq: it needs no workspace and no second kernel. Every variant is
+/// bitwise repeatable, the split-K ones (`baseline`, `vml`, `ila`) through exact
+/// int64 sums, finished by a small rounding kernel; `vml` was up to 1.15x faster
+/// than baseline at M >= 8 on the H100 before those sums replaced its fp16
+/// atomics (unmeasured since). On ROCm it is unmeasured: opt4gptq is the
+/// paper's choice for the DCU. Never a split-K variant, so callers that name
+/// none need no workspace.
 pub const DEFAULT_VARIANT: Variant = Variant::Opt4gptq;
 
 /// Largest M served by the skinny kernel when the exllama family does not apply.
@@ -167,6 +175,18 @@ pub fn choose_path(shape: &GemmShape, facts: &Facts) -> KernelPath {
     }
 }
 
+/// Whether a call may run the split-K exllama kernel, and so needs an int64
+/// [M, N] workspace: a split-K variant on the exllama path, forced or within
+/// its row limit. Facts only the engine sees (alignment, group size) may still
+/// send the call elsewhere; a workspace it did not need costs M * N * 8 bytes.
+pub fn may_split_k(m: usize, bits: u32, use_exllama: bool, path: Option<KernelPath>, variant: Variant) -> bool {
+    let exllama = match path {
+        Some(path) => path == KernelPath::Exllama,
+        None => m <= exllama_max_rows(bits),
+    };
+    use_exllama && variant.splits_k() && exllama
+}
+
 /// A forced path must still be one that computes the right function.
 pub fn check_forced_path(path: KernelPath, shape: &GemmShape, facts: &Facts) -> Result<()> {
     if path == KernelPath::Exllama && !exllama_applies(shape, facts) {
@@ -216,6 +236,20 @@ mod tests {
         }
         assert!(Variant::parse("fast").unwrap_err().to_string().contains("variant must be one of"));
         assert!(check_forced_path(KernelPath::Exllama, &shape(4, 4, 32), &ALT).is_err());
+    }
+
+    #[test]
+    fn only_split_k_variants_on_the_exllama_path_need_a_workspace() {
+        let split: Vec<_> = Variant::ALL.into_iter().filter(|v| v.splits_k()).map(Variant::name).collect();
+        assert_eq!(split, ["baseline", "vml", "ila"]);
+        assert!(!DEFAULT_VARIANT.splits_k());
+        assert!(may_split_k(50, 4, true, None, Variant::Vml));
+        assert!(!may_split_k(51, 4, true, None, Variant::Vml));
+        assert!(!may_split_k(25, 8, true, None, Variant::Baseline));
+        assert!(may_split_k(300, 4, true, Some(KernelPath::Exllama), Variant::Ila));
+        assert!(!may_split_k(1, 4, true, Some(KernelPath::Skinny), Variant::Baseline));
+        assert!(!may_split_k(1, 4, false, None, Variant::Baseline));
+        assert!(!may_split_k(1, 4, true, None, Variant::Smb));
     }
 
     #[test]

@@ -14,6 +14,7 @@ struct GemmArgs {
     g_idx: *const i32,        // int32 [k] or null
     perm: *const i32,         // int32 [k] or null
     out: *mut c_void,         // fp16 [m, n], contiguous
+    workspace: *mut c_void,   // int64, m * n contiguous elements (split-K exllama variants) or null
     m: i64,
     k: i64,
     n: i64,
@@ -71,6 +72,8 @@ pub struct DevicePointers {
     pub g_idx: *const i32,
     pub perm: *const i32,
     pub out: *mut c_void,
+    /// int64 split-K sums, or null.
+    pub workspace: *mut c_void,
 }
 
 fn gemm_args(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, device: i32) -> GemmArgs {
@@ -82,6 +85,7 @@ fn gemm_args(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, 
         g_idx: ptrs.g_idx,
         perm: ptrs.perm,
         out: ptrs.out,
+        workspace: ptrs.workspace,
         m: shape.m as i64,
         k: shape.k as i64,
         n: shape.n as i64,

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 
 /// Low-level gptq_gemm on DLPack capsules; returns the kernel that ran.
 #[pyfunction]
-#[pyo3(signature = (a, b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, out, use_exllama, bit, use_v2_format, path, variant, stream))]
+#[pyo3(signature = (a, b_q_weight, b_gptq_qzeros, b_gptq_scales, b_g_idx, out, use_exllama, bit, use_v2_format, path, variant, stream, workspace=None))]
 #[allow(clippy::too_many_arguments)]
 fn gemm<'py>(
     py: Python<'py>,
@@ -31,6 +31,7 @@ fn gemm<'py>(
     path: Option<String>,
     variant: Option<String>,
     stream: usize,
+    workspace: Option<Bound<'py, PyAny>>,
 ) -> PyResult<String> {
     let call = ops::GemmCall {
         a,
@@ -45,6 +46,7 @@ fn gemm<'py>(
         path,
         variant,
         stream,
+        workspace,
     };
     Ok(ops::gemm(py, call)?)
 }
@@ -78,8 +80,25 @@ fn dequantize<'py>(
         path: None,
         variant: None,
         stream,
+        workspace: None,
     };
     Ok(ops::dequantize(call)?)
+}
+
+/// Whether a GPU call may run the split-K exllama kernel, which needs an int64
+/// [M, N] workspace (`gemm(..., workspace=)`). Unknown names answer false: gemm reports them.
+#[pyfunction]
+#[pyo3(signature = (m, bit, use_exllama, path, variant))]
+fn needs_workspace(m: usize, bit: u32, use_exllama: bool, path: Option<&str>, variant: Option<&str>) -> bool {
+    let path = match path.map(dispatch::KernelPath::parse) {
+        None => None,
+        Some(Ok(path)) => Some(path),
+        Some(Err(_)) => return false,
+    };
+    let Ok(variant) = variant.map_or(Ok(dispatch::DEFAULT_VARIANT), dispatch::Variant::parse) else {
+        return false;
+    };
+    dispatch::may_split_k(m, bit, use_exllama, path, variant)
 }
 
 /// Rows above which a torch GPU caller is served by dequantize + torch.matmul.
@@ -149,6 +168,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(permute_rows, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(dense_min_rows, m)?)?;
+    m.add_function(wrap_pyfunction!(needs_workspace, m)?)?;
     m.add_function(wrap_pyfunction!(backend, m)?)?;
     m.add_function(wrap_pyfunction!(variants, m)?)?;
     m.add_function(wrap_pyfunction!(default_variant, m)?)?;

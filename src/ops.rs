@@ -4,7 +4,9 @@ use crate::cpu;
 use crate::dispatch::{DEFAULT_VARIANT, Facts, KernelPath, Variant, check_forced_path, choose_path};
 use crate::error::{Error, Result};
 use crate::meta::Device;
-use crate::quant::{self, GemmMetas, check_bits, check_gemm, check_group_indices, check_permutation, check_shuffle};
+use crate::quant::{
+    self, GemmMetas, check_bits, check_gemm, check_group_indices, check_permutation, check_shuffle, check_workspace,
+};
 use crate::tensor::{Imported, import_optional};
 use half::f16;
 use pyo3::prelude::*;
@@ -25,6 +27,9 @@ pub struct GemmCall<'py> {
     /// Opt4GPTQ variant name; None: the platform default.
     pub variant: Option<String>,
     pub stream: usize,
+    /// int64, M * N elements: where the split-K exllama variants sum their K
+    /// blocks (GPU only; see dispatch::may_split_k). None where no call needs it.
+    pub workspace: Option<Bound<'py, PyAny>>,
 }
 
 fn unsupported_device(name: &str, device: Device) -> Error {
@@ -94,6 +99,12 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
     let operands = Operands::import(&call, "out", false)?;
     let Operands { a, qweight, qzeros, scales, out, shape, .. } = &operands;
     let shape = *shape;
+    // Checked whenever given, like every operand, even where no kernel reads it.
+    let workspace = import_optional("workspace", call.workspace.as_ref())?;
+    if let Some(workspace) = &workspace {
+        workspace.expect_writable()?;
+        check_workspace(&workspace.meta, &a.meta, &shape)?;
+    }
     let variant = call.variant.as_deref().map_or(Ok(DEFAULT_VARIANT), Variant::parse)?;
     let (groups_of_rows, permutation) = operands.index_roles();
     let facts = Facts {
@@ -137,7 +148,7 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
             let out_values = unsafe { out.host_slice_mut::<f16>() };
             without_gil(py, || cpu::gemm(&problem, out_values));
         }
-        _ => gpu_gemm(&shape, &a, &qweight, &qzeros, &scales, groups_of_rows, permutation, &out, path, variant, call.stream)?,
+        _ => gpu_gemm(&shape, a, qweight, qzeros, scales, groups_of_rows, permutation, out, workspace.as_ref(), path, variant, call.stream)?,
     }
     Ok(match (device, path) {
         (Device::Cpu, _) => "cpu".to_string(),
@@ -157,6 +168,7 @@ fn gpu_gemm(
     g_idx: Option<&Imported>,
     perm: Option<&Imported>,
     out: &Imported,
+    workspace: Option<&Imported>,
     path: KernelPath,
     variant: Variant,
     stream: usize,
@@ -164,6 +176,13 @@ fn gpu_gemm(
     let device = a.meta.device;
     if !crate::gpu::serves(device) {
         return Err(unsupported_device("a", device));
+    }
+    if path == KernelPath::Exllama && variant.splits_k() && workspace.is_none() {
+        return Err(Error::value(format!(
+            "variant {:?} adds its K blocks into an int64 [M, N] workspace, and none was given (workspace=None; \
+             opt4gptq.gptq_gemm allocates one)",
+            variant.name()
+        )));
     }
     let null = std::ptr::null();
     let ptrs = crate::gpu::DevicePointers {
@@ -174,6 +193,7 @@ fn gpu_gemm(
         g_idx: g_idx.map_or(null, |t| t.ptr().cast()),
         perm: perm.map_or(null, |t| t.ptr().cast()),
         out: out.ptr(),
+        workspace: workspace.map_or(std::ptr::null_mut(), Imported::ptr),
     };
     crate::gpu::gemm(shape, &ptrs, path as i32, variant.flags(), device.ordinal(), stream)
 }
@@ -189,6 +209,7 @@ fn gpu_gemm(
     _g_idx: Option<&Imported>,
     _perm: Option<&Imported>,
     _out: &Imported,
+    _workspace: Option<&Imported>,
     _path: KernelPath,
     _variant: Variant,
     _stream: usize,
@@ -230,6 +251,7 @@ fn gpu_dequantize(
         g_idx: g_idx.map_or(null, |t| t.ptr().cast()),
         perm: perm.map_or(null, |t| t.ptr().cast()),
         out: std::ptr::null_mut(),
+        workspace: std::ptr::null_mut(),
     };
     crate::gpu::dequantize(shape, &ptrs, weights.ptr(), device.ordinal(), stream)
 }

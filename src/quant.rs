@@ -167,6 +167,23 @@ pub fn check_gemm(t: &GemmMetas<'_>, bit: i64, use_v2_format: bool) -> Result<Ge
     })
 }
 
+/// The split-K workspace: int64 on a's device, contiguous, with room for the
+/// M * N sums (any shape; gptq_gemm passes [M, N]).
+pub fn check_workspace(workspace: &TensorMeta, a: &TensorMeta, shape: &GemmShape) -> Result<()> {
+    workspace.expect_dtype(DType::I64)?;
+    expect_same_device(a, &[workspace])?;
+    workspace.expect_contiguous()?;
+    let elements: i64 = workspace.shape.iter().product();
+    let needed = shape.m * shape.n;
+    if to_usize(elements) < needed {
+        return Err(Error::value(format!(
+            "{} has {elements} elements; the split-K sums need an int64 [M, N] = [{}, {}] workspace ({needed} elements)",
+            workspace.name, shape.m, shape.n
+        )));
+    }
+    Ok(())
+}
+
 /// Shapes of gptq_shuffle / permute_rows: returns (k, n).
 pub fn check_shuffle(q_weight: &TensorMeta, q_perm: Option<&TensorMeta>, bits: u32) -> Result<(usize, usize)> {
     q_weight.expect_dtype(DType::I32)?;
@@ -296,6 +313,23 @@ mod tests {
         let mut c = Case::new(2, 100, 64, 2, 4);
         c.qweight = meta("b_q_weight", DType::I32, &[12, 64]);
         assert!(c.check(4).unwrap_err().to_string().contains("multiple of 32"));
+    }
+
+    #[test]
+    fn workspace_is_int64_contiguous_on_the_same_device_and_large_enough() {
+        let c = Case::new(4, 256, 64, 2, 4);
+        let shape = c.check(4).unwrap();
+        assert!(check_workspace(&meta("workspace", DType::I64, &[4, 64]), &c.a, &shape).is_ok());
+        assert!(check_workspace(&meta("workspace", DType::I64, &[300]), &c.a, &shape).is_ok());
+        let message = check_workspace(&meta("workspace", DType::I32, &[4, 64]), &c.a, &shape).unwrap_err().to_string();
+        assert!(message.contains("workspace must be int64; got int32"), "{message}");
+        let message = check_workspace(&meta("workspace", DType::I64, &[4, 63]), &c.a, &shape).unwrap_err().to_string();
+        assert!(message.starts_with("workspace has 252 elements") && message.contains("[4, 64]"), "{message}");
+        let strided = TensorMeta::new("workspace", Device::Cpu, DType::I64, vec![4, 64], Some(vec![128, 1]));
+        assert!(check_workspace(&strided, &c.a, &shape).unwrap_err().to_string().contains("contiguous"));
+        let mut elsewhere = meta("workspace", DType::I64, &[4, 64]);
+        elsewhere.device = Device::Cuda(0);
+        assert!(check_workspace(&elsewhere, &c.a, &shape).unwrap_err().to_string().contains("workspace is on cuda:0"));
     }
 
     #[test]

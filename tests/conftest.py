@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -17,6 +19,8 @@ import pytest
 
 import opt4gptq
 from opt4gptq import pack
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # fp16 output: rounding alone contributes up to 2**-11 ~ 4.9e-4 relative per
 # element; fp32 accumulation over K <= 14k adds orders of magnitude less. A
@@ -249,3 +253,13 @@ def nan_like_output(problem: Problem) -> Any:
 
     return torch.full((problem.a.shape[0], problem.t.n), float("nan"), dtype=torch.float16, device="cuda")
 
+
+def find_tool(*names: str) -> Optional[str]:
+    """The first of `names` on PATH or in .toolchain/ (where .ci/run installs NVIDIA's tools)."""
+    toolchain = sorted(str(p) for p in (ROOT / ".toolchain").glob("*/nvidia/cu*/bin"))
+    search = os.pathsep.join(toolchain + [os.environ.get("PATH", "")])
+    for name in names:
+        found = shutil.which(name, path=search)
+        if found:
+            return found
+    return None

@@ -165,7 +165,7 @@ class FakeCudaArray:
         self._host = like
         self.shape = like.shape
         self._shape = (ctypes.c_int64 * like.ndim)(*like.shape)
-        code = {np.dtype(np.float16): 2, np.dtype(np.int32): 0}[like.dtype]
+        code = {np.dtype(np.float16): 2, np.dtype(np.int32): 0, np.dtype(np.int64): 0}[like.dtype]
         self._managed = _DLManagedTensor(
             _DLTensor(like.ctypes.data, _DLDevice(2, 0), like.ndim, _DLDataType(code, like.dtype.itemsize * 8, 1),
                       self._shape, None, 0), None, None)
@@ -208,3 +208,33 @@ def test_exllama_path_refused_where_it_cannot_compute(args):
 def test_dense_path_needs_torch_gpu_tensors(args):
     with pytest.raises(ValueError, match="path='dense' needs torch GPU tensors"):
         call(args, path="dense")
+
+
+def engine_gemm(args, workspace):
+    """The engine's own entry, which also takes the int64 workspace that gptq_gemm
+    allocates for the split-K variants on a GPU. CPU arrays never use one, but a
+    workspace that is given is checked like every operand."""
+    from opt4gptq import _C
+    from opt4gptq._frameworks import capsule, launch_for
+
+    operands = [args[name] for name in ("a", "b_q_weight", "b_gptq_qzeros", "b_gptq_scales", "b_g_idx")]
+    operands += [np.empty((4, 64), np.float16)]
+    operands = [capsule(x, launch_for(x)) for x in operands]
+    return _C.gemm(*operands, False, 4, False, None, "baseline", 0,
+                   None if workspace is None else capsule(workspace, launch_for(workspace)))
+
+
+@pytest.mark.parametrize("workspace, error, pattern", [
+    (np.zeros((4, 64), np.int32), TypeError, "workspace must be int64; got int32"),
+    (np.zeros((4, 63), np.int64), ValueError, r"workspace has 252 elements; the split-K sums need an int64 \[M, N\] = \[4, 64\]"),
+    (np.zeros((4, 128), np.int64)[:, ::2], ValueError, "workspace must be contiguous"),
+    (FakeCudaArray(np.zeros((4, 64), np.int64)), ValueError, "workspace is on cuda:0 but a is on cpu"),
+])
+def test_bad_workspace_names_the_argument(args, workspace, error, pattern):
+    with pytest.raises(error, match=pattern):
+        engine_gemm(args, workspace)
+
+
+def test_a_workspace_of_at_least_m_times_n_elements_is_accepted(args):
+    assert engine_gemm(args, np.zeros(4 * 64 + 10, np.int64)) == "cpu"
+    assert engine_gemm(args, None) == "cpu"

@@ -15,25 +15,16 @@ from __future__ import annotations
 import collections
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import find_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "gptq" / "instances" / "exllama_b4.cu"
 KERNEL = re.compile(r"gemm_exllama_(splitk|smb)_kernelILi(\d)ELi(\d)ELb([01])ELb([01])E")
-
-
-def find_tool(*names: str) -> str | None:
-    toolchain = sorted(str(p) for p in (ROOT / ".toolchain").glob("*/nvidia/cu*/bin")) if (ROOT / ".toolchain").exists() else []
-    search = os.pathsep.join(toolchain + [os.environ.get("PATH", "")])
-    for name in names:
-        found = shutil.which(name, path=search)
-        if found:
-            return found
-    return None
 
 
 def kernel_ops(listing: dict, structure: str, vml: bool, ila: bool) -> collections.Counter:
@@ -106,11 +97,24 @@ def sm90_mma(tmp_path_factory) -> dict:
 # --- AMD gfx906 -----------------------------------------------------------------------
 
 def test_gfx906_smb_replaces_global_atomics_with_plain_stores(gfx906):
-    # gfx906 has no half2 atomic add: the baseline's split-K epilogue is a
-    # global_atomic_cmpswap loop. SMB reduces in LDS and stores each element once.
+    # The baseline's split-K epilogue adds each K block's share as a 64-bit
+    # integer (splitk_sum.cuh): one global_atomic_add_x2 per row and column of
+    # a thread (8 x 4), and as many global_atomic_or_x2 on the branch that
+    # flags NaN/inf shares. No compare-and-swap loop (gfx906 has no half2
+    # atomic add; the fp16 atomics used to be one). SMB reduces in LDS and
+    # stores each element once.
     base, smb = kernel_ops(gfx906, "splitk", False, False), kernel_ops(gfx906, "smb", False, False)
-    assert count(base, "global_atomic") >= 8 and count(smb, "global_atomic") == 0
-    assert count(smb, "global_store_short") >= 1
+    assert count(base, "global_atomic_add_x2") == 32 and count(base, "global_atomic_or_x2") == 32
+    assert count(base, "global_atomic_cmpswap") == 0
+    assert count(smb, "global_atomic") == 0 and count(smb, "global_store_short") >= 1
+
+
+def test_gfx906_split_k_sums_are_rounded_by_integer_code(gfx906):
+    # The finalize kernel: one 64-bit load and one fp16 store per element, the
+    # rounding in integer instructions (no f64 conversion), no atomics.
+    finalize = next(ops for name, ops in gfx906.items() if "splitk_finalize_kernel" in name)
+    assert count(finalize, "global_load_dwordx2") == 1 and count(finalize, "global_store_short") == 1
+    assert count(finalize, "global_atomic") == 0 and count(finalize, "v_cvt") == 0
 
 
 def test_gfx906_vml_stages_activations_16_bytes_at_a_time(gfx906):
@@ -137,9 +141,24 @@ def test_gfx906_ila_emits_the_same_packed_instructions_the_compiler_already_chos
 # --- NVIDIA sm_90a --------------------------------------------------------------------
 
 def test_sm90_smb_has_no_global_atomics(sm90):
+    # The baseline adds each K block's share as a 64-bit integer: one
+    # REDG.E.ADD.64 per row and column of a thread (8 x 4), and as many
+    # REDG.E.OR.64 on the branch that flags NaN/inf shares (splitk_sum.cuh).
+    # Gone: the half2 ATOM.E.ADD.F16 and, for a generic address that might be
+    # shared memory, its ATOMS.CAST.SPIN loop. SMB has no atomics at all.
     base, smb = kernel_ops(sm90, "splitk", False, False), kernel_ops(sm90, "smb", False, False)
-    assert count(base, "ATOM.E.ADD.F16") + count(base, "RED.E.ADD.F16") >= 8
+    assert count(base, "REDG.E.ADD.64") == 32 and count(base, "REDG.E.OR.64") == 32
+    assert count(base, "ATOM") == 0 and count(base, "REDG.E.ADD.F16") == 0
     assert count(smb, "ATOM") + count(smb, "RED") == 0 and count(smb, "STG.E.U16") >= 1
+
+
+def test_sm90_split_k_sums_are_rounded_by_integer_code(sm90):
+    # The finalize kernel: one 64-bit load and one fp16 store per element, the
+    # rounding in integer instructions (no F2F/I2F conversion, no FP64), no atomics.
+    finalize = next(ops for name, ops in sm90.items() if "splitk_finalize_kernel" in name)
+    assert count(finalize, "LDG.E.64") == 1 and count(finalize, "STG.E.U16") == 1
+    assert count(finalize, "ATOM") + count(finalize, "RED") == 0
+    assert sum(count(finalize, op) for op in ("F2F", "I2F", "DADD", "DMUL", "DFMA")) == 0
 
 
 def test_sm90_vml_adds_128_bit_activation_staging(sm90):

@@ -61,6 +61,7 @@ o4g::GemmParams to_params(const o4g_gemm_args &args)
     p.g_idx = args.g_idx;
     p.perm = args.perm;
     p.out = static_cast<__half *>(args.out);
+    p.workspace = static_cast<unsigned long long *>(args.workspace);
     p.m = args.m;
     p.k = args.k;
     p.n = args.n;
@@ -95,6 +96,12 @@ int launch_gemm(const o4g::GemmParams &p, int path, int variant, cudaStream_t st
     case O4G_PATH_EXLLAMA: {
         if (p.g_idx != nullptr || p.group_size % 32 != 0)
             return fail(O4G_ERR_ARGS, "the exllama path needs contiguous groups of a multiple of 32 rows");
+        if ((variant & O4G_SMB) == 0) {
+            if (p.workspace == nullptr)
+                return fail(O4G_ERR_ARGS, "the split-K exllama variants need an int64 [m, n] workspace");
+            if ((p.k + o4g::kExSplitRows - 1) / o4g::kExSplitRows > o4g::kExMaxSplitBlocks)
+                return fail(O4G_ERR_ARGS, "the split-K exllama variants serve at most 65535 blocks of 128 rows of K");
+        }
         const cudaError_t error = o4g::launch_exllama<BITS>(p, variant, stream);
         if (error == cudaErrorInvalidValue) return fail(O4G_ERR_UNSUPPORTED, "no kernel for variant flags " + std::to_string(variant));
         return check(error, "gemm_exllama launch");

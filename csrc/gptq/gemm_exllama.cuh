@@ -4,9 +4,12 @@
 //   baseline  vLLM 0.3.3's scheme: 128 threads x 4 columns per block, one block
 //             per 128 rows of K (split-K over the grid), activations staged in
 //             shared memory one half per load, (q - z) * a as half2 FMAs over 8
-//             rows, then fp32; every K block adds its share into the output with
-//             half2 atomics. The output is zeroed by the launcher (a memset on
-//             the same stream), not inside the kernel: that was vLLM's race.
+//             rows, then fp32; every K block rounds its share to fp16 and adds
+//             it atomically into the result. Minus vLLM's zeroing race and its
+//             arrival-order fp16 atomics: the shares are added exactly as 2^-24
+//             fixed point in an int64 workspace the launcher zeroes on the
+//             stream, then rounded once into the output by a small kernel
+//             (splitk_sum.cuh). Bitwise repeatable, like every variant.
 //   SMB       shared-memory buffering, built correctly: a block owns 32 columns
 //             and all of K, split over 16 K-slices; the slices' partial sums of
 //             the SAME (row, column) meet in shared memory and one thread stores
@@ -20,9 +23,11 @@
 // Every bit width (2, 3, 4, 8) runs every variant: weights are read as BITS
 // 16-byte words per 32-row pack for 4 adjacent columns. Requirements, checked
 // by the Rust dispatch: no g_idx (groups are contiguous), group size a
-// multiple of 32, qweight/a/out 16-byte aligned.
+// multiple of 32, qweight/a/out 16-byte aligned; the split-K variants also an
+// int64 [M, N] workspace from the caller.
 #pragma once
 #include "common.cuh"
+#include "splitk_sum.cuh"
 
 namespace o4g {
 
@@ -31,6 +36,8 @@ enum VariantFlag : int { kSMB = 1, kVML = 2, kILA = 4 };
 constexpr int kExThreads = 128;
 constexpr int kExColumnsPerThread = 4;
 constexpr int kExSplitRows = 128;                             // K rows per block without SMB
+constexpr int64_t kExMaxSplitBlocks = 65535;                  // the grid's z limit
+static_assert(kExMaxSplitBlocks <= kSplitKMaxBlocks, "more K blocks than the int64 sums hold exactly");
 constexpr int kSmbSlices = 16;                                // K-slices per block with SMB
 constexpr int kSmbColumnThreads = kExThreads / kSmbSlices;    // 8 threads x 4 = 32 columns
 constexpr int kSmbColumns = kSmbColumnThreads * kExColumnsPerThread;
@@ -159,13 +166,14 @@ __global__ void __launch_bounds__(kExThreads) gemm_exllama_splitk_kernel(GemmPar
     for (int pack = 0; pack < rows / 32; ++pack)
         accumulate_pack<BITS, M_COUNT, ILA>(p, k0 / 32 + pack, n0, &tile[0][pack * 32], kExSplitRows, acc);
 
-    // Split-K: each K block adds its share into the (launcher-zeroed) output.
+    // Split-K: each K block adds its share, rounded to fp16, into the
+    // (launcher-zeroed) int64 workspace, exactly; the finalize kernel rounds the totals.
 #pragma unroll
     for (int m = 0; m < M_COUNT; ++m) {
         if (m0 + m >= p.m) continue;
-        __half2 *dst = reinterpret_cast<__half2 *>(p.out + (m0 + m) * p.n + n0);
-        atomic_add_half2(dst, __floats2half2_rn(acc[m][0], acc[m][1]));
-        atomic_add_half2(dst + 1, __floats2half2_rn(acc[m][2], acc[m][3]));
+        unsigned long long *dst = p.workspace + (m0 + m) * p.n + n0;
+#pragma unroll
+        for (int c = 0; c < kExColumnsPerThread; ++c) splitk_add(dst + c, acc[m][c]);
     }
 }
 
@@ -228,13 +236,18 @@ cudaError_t launch_exllama_instance(const GemmParams &p, cudaStream_t stream)
                         static_cast<unsigned>((p.m + M_COUNT - 1) / M_COUNT));
         gemm_exllama_smb_kernel<BITS, M_COUNT, VML, ILA><<<grid, kExThreads, 0, stream>>>(p);
     } else {
-        const cudaError_t zeroed = cudaMemsetAsync(p.out, 0, static_cast<size_t>(p.m * p.n) * sizeof(__half), stream);
+        // Zero the sums on the stream (graph-capturable), add the K blocks' shares, round once into out.
+        const cudaError_t zeroed =
+            cudaMemsetAsync(p.workspace, 0, static_cast<size_t>(p.m * p.n) * sizeof(unsigned long long), stream);
         if (zeroed != cudaSuccess) return zeroed;
         const int64_t columns_per_block = static_cast<int64_t>(kExThreads) * kExColumnsPerThread;
         const dim3 grid(static_cast<unsigned>((p.n + columns_per_block - 1) / columns_per_block),
                         static_cast<unsigned>((p.m + M_COUNT - 1) / M_COUNT),
                         static_cast<unsigned>((p.k + kExSplitRows - 1) / kExSplitRows));
         gemm_exllama_splitk_kernel<BITS, M_COUNT, VML, ILA><<<grid, kExThreads, 0, stream>>>(p);
+        const cudaError_t launched = cudaGetLastError();
+        if (launched != cudaSuccess) return launched;
+        return launch_splitk_finalize(p.workspace, p.out, p.m * p.n, stream);
     }
     return cudaGetLastError();
 }

@@ -7,7 +7,7 @@ import threading
 from typing import Any, Optional
 
 from . import _C
-from ._frameworks import capsule, copy_of, empty_like, is_absent, launch_for, library_of, shape_of
+from ._frameworks import capsule, copy_of, empty_like, is_absent, is_gpu, launch_for, library_of, shape_of
 
 _SUPPORTED_BITS = (2, 3, 4, 8)
 _last = threading.local()
@@ -104,6 +104,8 @@ def gptq_gemm(
     torch.matmul, torch GPU tensors only); None lets the dispatch table choose.
     variant: the Opt4GPTQ variant of the exllama kernels (see :func:`opt4gptq.variants`);
     None reads ``OPT4GPTQ_VARIANT``, then falls back to the platform default.
+    Every variant gives the same bits on identical calls; on a GPU the split-K
+    ones (baseline, vml, ila) also allocate an int64 ``[M, N]`` workspace, like ``out``.
 
     Returns ``[M, N]`` float16 from the caller's library, on its device; GPU
     work is queued on the caller's current stream without synchronizing.
@@ -128,6 +130,12 @@ def gptq_gemm(
     if _wants_dense(a, m, bit, use_exllama, path, variant is not None):
         _dense_gemm(a, b_q_weight, b_gptq_qzeros, b_gptq_scales, g_idx, out, use_exllama, bit, use_v2_format, launch)
         return out
+    workspace = None
+    if is_gpu(a) and _C.needs_workspace(m, bit, bool(use_exllama), path, variant):
+        # The split-K variants add their K blocks into int64 [M, N] sums. Like
+        # out, they come from the caller's library: stream-ordered and
+        # graph-capturable, and one per call, so concurrent streams never share one.
+        workspace = empty_like(a, (m, n), "int64")
     _last.kernel = _C.gemm(
         capsule(a, launch),
         capsule(b_q_weight, launch),
@@ -141,6 +149,7 @@ def gptq_gemm(
         path,
         variant,
         launch.stream,
+        None if workspace is None else capsule(workspace, launch),
     )
     if launch.synchronize_after:
         _C.stream_synchronize(a.__dlpack_device__()[1], launch.stream)

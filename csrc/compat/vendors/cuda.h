@@ -9,8 +9,3 @@
 // Tensor-core MMA (mma.sync, sm_80+): gemm_mma.cuh is built on this platform only.
 #define O4G_HAVE_MMA 1
 #include "../asm/mma_ptx.cuh"
-
-namespace o4g {
-// Native half2 atomic add (sm_60+).
-__device__ __forceinline__ void atomic_add_half2(__half2 *address, __half2 value) { atomicAdd(address, value); }
-}  // namespace o4g

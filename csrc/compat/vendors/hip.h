@@ -24,18 +24,3 @@
 // No mma.sync on gfx9: the tensor-core GEMM (gemm_mma.cuh) compiles to nothing here
 // and the Rust dispatch never picks it on ROCm.
 #define O4G_HAVE_MMA 0
-
-namespace o4g {
-// gfx9 has no half2 atomic add: a compare-and-swap loop on the 32-bit word.
-__device__ __forceinline__ void atomic_add_half2(__half2 *address, __half2 value)
-{
-    unsigned int *word = reinterpret_cast<unsigned int *>(address);
-    unsigned int observed = *word;
-    unsigned int assumed;
-    do {
-        assumed = observed;
-        __half2 sum = __hadd2(*reinterpret_cast<__half2 *>(&assumed), value);
-        observed = atomicCAS(word, assumed, *reinterpret_cast<unsigned int *>(&sum));
-    } while (observed != assumed);
-}
-}  // namespace o4g
