@@ -137,17 +137,19 @@ U = 2.0**-11  # fp16 unit roundoff
 # 8-row partial on top of the output's. Norm-wise that at most doubles the
 # error of the fp32 kernels, hence twice their bound.
 HALF_REL_TOL = 2 * REL_TOL
-DETERMINISTIC_VARIANTS = ("smb", "opt4gptq")  # no split-K atomics
+SPLIT_K_VARIANTS = ("baseline", "vml", "ila")  # K split over blocks, as in vLLM 0.3.3
 
 
 def exllama_gamma(variant: str, k: int) -> float:
-    """Per-element bound of the exllama family, per unit of sum|a*w|. Each 8-row
-    partial takes 3 fp16 roundings (two FMAs and the joining add): 3u. Split-K
-    variants also round each 128-row block's sum to fp16 and add the blocks with
-    fp16 atomics: 2u per block, K/128 blocks (vLLM's kernel has the same)."""
+    """Per-element bound of the exllama family, per unit of sum|a*w| (to first
+    order, fp16 underflow aside). Each 8-row partial takes 3 fp16 roundings (two
+    FMAs and the joining add): 3u. Split-K variants also round each 128-row
+    block's share to fp16, as vLLM does: u per unit of that block's own sum|a*w|,
+    so u in all. The shares then add exactly (int64 fixed point, not vLLM's fp16
+    atomics, which cost up to u more per block) and the total is rounded once."""
     gamma = 3 * U + fp32_gamma(k)
-    if variant not in DETERMINISTIC_VARIANTS:
-        gamma += 2 * U * -(-k // 128)
+    if variant in SPLIT_K_VARIANTS:
+        gamma += U
     return gamma
 
 

@@ -1,13 +1,15 @@
 """Every Opt4GPTQ variant on the GPU: right answers on every axis, and the
-properties each one claims (SMB: no atomics, so bitwise repeatable)."""
+same bits on every call, in CUDA graphs and on concurrent streams. SMB has no
+atomics; the split-K variants (baseline, vml, ila) add their K blocks exactly
+(int64 fixed point), so the order the blocks arrive in cannot show."""
 
 import functools
 
 import pytest
 
 import opt4gptq
-from conftest import (DETERMINISTIC_VARIANTS as DETERMINISTIC, HALF_REL_TOL, assert_matches_reference, capture_in_graph,
-                      exllama_gamma, exllama_tensors_on_cuda, gpu_skip_reason, make_problem, run_op, torch_library)
+from conftest import (HALF_REL_TOL, SPLIT_K_VARIANTS, assert_matches_reference, capture_in_graph, exllama_gamma,
+                      exllama_tensors_on_cuda, gpu_skip_reason, make_problem, run_op, torch_library)
 
 _reason = gpu_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_reason is not None, reason=_reason or "")]
@@ -66,8 +68,7 @@ def test_every_layer_shape(cuda, variant, k, n):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("m", [1, 7, 33])
 def test_twenty_calls(variant, bits, m):
-    """SMB variants are bitwise repeatable; split-K variants (like vLLM's kernel)
-    add fp16 atomics in arrival order, so each call is checked for accuracy instead."""
+    """Every variant is bitwise repeatable, split-K ones included."""
     import torch
 
     if bits == 8 and m > 24:
@@ -75,13 +76,11 @@ def test_twenty_calls(variant, bits, m):
     problem = shared_problem(m, 4096, 2048, bits, 128, True)
     args = exllama_tensors_on_cuda(problem)
     first = opt4gptq.gptq_gemm(*args, True, bits, path="exllama").clone()
+    assert opt4gptq.last_kernel() == f"exllama/{variant}"
     assert_matches_reference(first.cpu().numpy(), problem, rel_tol=HALF_REL_TOL, gamma=gamma_of(variant, 4096))
     for _ in range(20):
         again = opt4gptq.gptq_gemm(*args, True, bits, path="exllama")
-        if variant in DETERMINISTIC:
-            assert torch.equal(again, first)
-        else:
-            assert_matches_reference(again.cpu().numpy(), problem, rel_tol=HALF_REL_TOL, gamma=gamma_of(variant, 4096))
+        assert torch.equal(again, first)
 
 
 @pytest.mark.parametrize("m", [1, 8, 33])
@@ -94,28 +93,75 @@ def test_cuda_graph(variant, m):
     eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4).clone()
     out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
     graph = capture_in_graph(lambda: opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out), out)
-    for _ in range(3):  # the captured memset re-zeroes the output for split-K variants
+    for _ in range(3):  # split-K variants: the captured memset re-zeroes their workspace on each replay
         graph.replay()
     torch.cuda.synchronize()
-    if variant in DETERMINISTIC:
-        assert torch.equal(out, eager)
+    assert torch.equal(out, eager)
     assert_matches_reference(out.cpu().numpy(), problem, rel_tol=HALF_REL_TOL, gamma=gamma_of(variant, 4096))
 
 
 def test_two_streams(variant):
+    """Two streams running the variant at once, launches interleaved: each call
+    gets its own workspace from torch's stream-ordered allocator, so both
+    streams' results are right and equal to eager calls', bit for bit."""
     import torch
 
-    problems = [shared_problem(m, 4096, 4096, 4, 128, False) for m in (1, 33)]
+    problems = [shared_problem(m, 4096, 4096, 4, 128, False) for m in (1, 16)]
+    inputs = [[torch.from_numpy(x).cuda() for x in (p.a, p.t.qweight, p.t.qzeros, p.t.scales)] for p in problems]
+    eager = []
+    for args in inputs:
+        eager.append(opt4gptq.gptq_gemm(*args, None, True, 4).clone())
+        assert opt4gptq.last_kernel() == f"exllama/{variant}"
     streams = [torch.cuda.Stream() for _ in problems]
-    outs = []
-    for problem, stream in zip(problems, streams):
-        t = problem.t
-        with torch.cuda.stream(stream):
-            args = [torch.from_numpy(x).cuda() for x in (problem.a, t.qweight, t.qzeros, t.scales)]
-            outs.append([opt4gptq.gptq_gemm(*args, None, True, 4) for _ in range(5)][-1])
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    outs = [[] for _ in problems]
+    for _ in range(5):
+        for args, stream, results in zip(inputs, streams, outs):
+            with torch.cuda.stream(stream):
+                results.append(opt4gptq.gptq_gemm(*args, None, True, 4))
     torch.cuda.synchronize()
-    for problem, out in zip(problems, outs):
-        assert_matches_reference(out.cpu().numpy(), problem, rel_tol=HALF_REL_TOL, gamma=gamma_of(variant, 4096))
+    for problem, first, results in zip(problems, eager, outs):
+        for out in results:
+            assert torch.equal(out, first)
+        assert_matches_reference(first.cpu().numpy(), problem, rel_tol=HALF_REL_TOL, gamma=gamma_of(variant, 4096))
+
+
+def engine_gemm(problem, variant, workspace):
+    """The engine's own entry (opt4gptq._C.gemm), which takes the split-K
+    workspace that gptq_gemm allocates; returns (kernel, out)."""
+    import torch
+    from opt4gptq import _C
+    from opt4gptq._frameworks import capsule, launch_for
+
+    t = problem.t
+    a, qweight, zeros, scales = (torch.from_numpy(x).cuda() for x in (problem.a, t.qweight, t.qzeros, t.scales))
+    out = torch.full((problem.a.shape[0], t.n), float("nan"), dtype=torch.float16, device="cuda")
+    launch = launch_for(a)
+    kernel = _C.gemm(*(capsule(x, launch) for x in (a, qweight, zeros, scales)), None, capsule(out, launch), True, 4,
+                     False, "exllama", variant, launch.stream, None if workspace is None else capsule(workspace, launch))
+    return kernel, out
+
+
+@pytest.mark.parametrize("split_k", SPLIT_K_VARIANTS)
+def test_split_k_needs_its_workspace(split_k):
+    import torch
+
+    problem = shared_problem(3, 1024, 512, 4, 128, False)
+    with pytest.raises(ValueError, match=r"adds its K blocks into an int64 \[M, N\] workspace, and none was given"):
+        engine_gemm(problem, split_k, None)
+    with pytest.raises(TypeError, match="workspace must be int64; got int32"):
+        engine_gemm(problem, split_k, torch.zeros((3, 512), dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match=r"workspace has 1535 elements; .* \[3, 512\]"):
+        engine_gemm(problem, split_k, torch.zeros(1535, dtype=torch.int64, device="cuda"))
+    with pytest.raises(ValueError, match="workspace is on cpu but a is on cuda:0"):
+        engine_gemm(problem, split_k, torch.zeros((3, 512), dtype=torch.int64))
+    # Any contiguous int64 buffer of at least M * N elements will do; its old contents do not matter.
+    kernel, out = engine_gemm(problem, split_k, torch.full((2000,), -1, dtype=torch.int64, device="cuda"))
+    torch.cuda.synchronize()
+    assert kernel == f"exllama/{split_k}"
+    problem.kernel = kernel
+    assert_matches_reference(out.cpu().numpy(), problem)
 
 
 def test_unknown_variant_is_refused(cuda, monkeypatch):
