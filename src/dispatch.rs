@@ -123,9 +123,14 @@ pub const DENSE_MIN_ROWS_EXLLAMA: usize = 20;
 pub const DENSE_MIN_ROWS_G_IDX: usize = 5;
 
 /// Largest M the tensor-core kernel serves by default. Measured on the H100
-/// (Llama-2-7B layers summed, benchmarks/NOTES.md): mma 398 us against dense
-/// 468 us at M=128, 580 against 497 at M=192; the crossover is near 157 rows.
-pub const MMA_MAX_ROWS: usize = 144;
+/// (layers summed, benchmarks/NOTES.md): from 129 rows the tiled batch kernel
+/// runs three 64-row tiles at the same cost up to 192 rows, where it beats
+/// dequantize + GEMM on every model measured (Llama-2-7B 411 against 495 us,
+/// LLaMA-13B 554 against 674); with a fourth tile (224-256 rows) dense is ahead
+/// (Llama-2-7B M=256 534 against 488 us). Layers the tiled kernel cannot take
+/// (K not a multiple of 64, unaligned scales) fall back to the K-slice kernel
+/// up to here, which is slower than dense from ~150 rows.
+pub const MMA_MAX_ROWS: usize = 192;
 
 /// The tensor-core kernel is compiled into CUDA builds only (mma.sync, sm_80+).
 pub fn mma_built() -> bool {

@@ -63,7 +63,7 @@ def test_every_format(mma_kernel, cuda, group_size, act_order, v2):
                              use_exllama=True, v2=v2))
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 33, 50, 64, 65, 300])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 33, 50, 60, 64, 65, 100, 150, 192, 300])
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
 def test_every_batch_size(mma_kernel, cuda, m, act_order):
     check(cuda, make_problem(m=m, k=4096, n=512, bits=4, group_size=128, act_order=act_order, use_exllama=True))
