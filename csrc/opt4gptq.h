@@ -43,8 +43,9 @@ typedef struct o4g_gemm_args {
     const int32_t *g_idx;    /* int32 [k] group of each row, or NULL: row r is in group r / (k / groups) */
     const int32_t *perm;     /* int32 [k] activation column read for weight row r, or NULL: column r */
     void *out;               /* fp16 [m, n], contiguous; fully overwritten */
-    void *workspace;         /* int64, m * n contiguous elements, overwritten: where the split-K exllama
-                                variants (O4G_PATH_EXLLAMA without O4G_SMB) sum their K blocks; else NULL */
+    void *workspace;         /* fp16, ceil(k / 128) * m * n contiguous elements, 8-byte aligned, overwritten:
+                                where the split-K exllama variants (O4G_PATH_EXLLAMA without O4G_SMB) store
+                                each K block's shares; else NULL */
     int64_t m, k, n, groups, lda;
     int32_t bits;            /* 2, 3, 4 or 8 */
     int32_t zero_offset;     /* 1 for GPTQ v1 (stored zero is zero - 1), 0 for v2 */

@@ -81,7 +81,8 @@ impl Variant {
     }
 
     /// Without SMB the exllama kernel splits K over blocks (vLLM 0.3.3's scheme);
-    /// their shares meet in an int64 [M, N] workspace that the caller provides.
+    /// their shares meet in an fp16 [K blocks, M, N] workspace that the caller
+    /// provides (`split_k_blocks`).
     pub fn splits_k(self) -> bool {
         self.flags() & 1 == 0
     }
@@ -98,12 +99,12 @@ impl Variant {
 /// The variant used when the caller names none.
 ///
 /// opt4gptq: it needs no workspace and no second kernel. Every variant is
-/// bitwise repeatable, the split-K ones (`baseline`, `vml`, `ila`) through exact
-/// int64 sums, finished by a small rounding kernel; `vml` was up to 1.15x faster
-/// than baseline at M >= 8 on the H100 before those sums replaced its fp16
-/// atomics (unmeasured since). On ROCm it is unmeasured: opt4gptq is the
-/// paper's choice for the DCU. Never a split-K variant, so callers that name
-/// none need no workspace.
+/// bitwise repeatable, the split-K ones (`baseline`, `vml`, `ila`) by storing
+/// each K block's shares in its own workspace slice and adding the slices in
+/// order (csrc/gptq/splitk_sum.cuh). On NVIDIA a call that names no variant
+/// runs the tensor-core path wherever it applies, so this choice matters where
+/// it does not; on ROCm it is unmeasured: opt4gptq is the paper's choice for
+/// the DCU. Never a split-K variant, so callers that name none need no workspace.
 pub const DEFAULT_VARIANT: Variant = Variant::Opt4gptq;
 
 /// Largest M served by the skinny kernel when the exllama family does not apply.
@@ -180,10 +181,19 @@ pub fn choose_path(shape: &GemmShape, facts: &Facts) -> KernelPath {
     }
 }
 
-/// Whether a call may run the split-K exllama kernel, and so needs an int64
-/// [M, N] workspace: a split-K variant on the exllama path, forced or within
-/// its row limit. Facts only the engine sees (alignment, group size) may still
-/// send the call elsewhere; a workspace it did not need costs M * N * 8 bytes.
+/// Rows of K per block of the split-K exllama kernel (csrc/gptq/gemm_exllama.cuh).
+pub const SPLIT_K_ROWS: usize = 128;
+
+/// How many K blocks the split-K exllama kernel runs, so how many fp16 [M, N]
+/// slices of shares its workspace holds.
+pub fn split_k_blocks(k: usize) -> usize {
+    k.div_ceil(SPLIT_K_ROWS)
+}
+
+/// Whether a call may run the split-K exllama kernel, and so needs an fp16
+/// [K blocks, M, N] workspace: a split-K variant on the exllama path, forced or
+/// within its row limit. Facts only the engine sees (alignment, group size) may
+/// still send the call elsewhere; a workspace it did not need is only allocated.
 pub fn may_split_k(m: usize, bits: u32, use_exllama: bool, path: Option<KernelPath>, variant: Variant) -> bool {
     let exllama = match path {
         Some(path) => path == KernelPath::Exllama,

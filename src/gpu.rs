@@ -14,7 +14,7 @@ struct GemmArgs {
     g_idx: *const i32,        // int32 [k] or null
     perm: *const i32,         // int32 [k] or null
     out: *mut c_void,         // fp16 [m, n], contiguous
-    workspace: *mut c_void,   // int64, m * n contiguous elements (split-K exllama variants) or null
+    workspace: *mut c_void,   // fp16 [ceil(k / 128), m, n] (split-K exllama variants) or null
     m: i64,
     k: i64,
     n: i64,
@@ -72,7 +72,7 @@ pub struct DevicePointers {
     pub g_idx: *const i32,
     pub perm: *const i32,
     pub out: *mut c_void,
-    /// int64 split-K sums, or null.
+    /// fp16 split-K shares, one [m, n] slice per K block, or null.
     pub workspace: *mut c_void,
 }
 

@@ -85,20 +85,27 @@ fn dequantize<'py>(
     Ok(ops::dequantize(call)?)
 }
 
-/// Whether a GPU call may run the split-K exllama kernel, which needs an int64
-/// [M, N] workspace (`gemm(..., workspace=)`). Unknown names answer false: gemm reports them.
+/// The shape of the fp16 workspace a GPU call needs if it may run the split-K
+/// exllama kernel (`gemm(..., workspace=)`): (K blocks, M, N), else None.
+/// Unknown names answer None: gemm reports them.
 #[pyfunction]
-#[pyo3(signature = (m, bit, use_exllama, path, variant))]
-fn needs_workspace(m: usize, bit: u32, use_exllama: bool, path: Option<&str>, variant: Option<&str>) -> bool {
+#[pyo3(signature = (m, k, n, bit, use_exllama, path, variant))]
+fn split_k_workspace(
+    m: usize,
+    k: usize,
+    n: usize,
+    bit: u32,
+    use_exllama: bool,
+    path: Option<&str>,
+    variant: Option<&str>,
+) -> Option<(usize, usize, usize)> {
     let path = match path.map(dispatch::KernelPath::parse) {
         None => None,
         Some(Ok(path)) => Some(path),
-        Some(Err(_)) => return false,
+        Some(Err(_)) => return None,
     };
-    let Ok(variant) = variant.map_or(Ok(dispatch::DEFAULT_VARIANT), dispatch::Variant::parse) else {
-        return false;
-    };
-    dispatch::may_split_k(m, bit, use_exllama, path, variant)
+    let variant = variant.map_or(Ok(dispatch::DEFAULT_VARIANT), dispatch::Variant::parse).ok()?;
+    dispatch::may_split_k(m, bit, use_exllama, path, variant).then(|| (dispatch::split_k_blocks(k), m, n))
 }
 
 /// Rows above which a torch GPU caller is served by dequantize + torch.matmul.
@@ -168,7 +175,7 @@ fn native_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(permute_rows, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(dense_min_rows, m)?)?;
-    m.add_function(wrap_pyfunction!(needs_workspace, m)?)?;
+    m.add_function(wrap_pyfunction!(split_k_workspace, m)?)?;
     m.add_function(wrap_pyfunction!(backend, m)?)?;
     m.add_function(wrap_pyfunction!(variants, m)?)?;
     m.add_function(wrap_pyfunction!(default_variant, m)?)?;

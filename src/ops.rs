@@ -27,8 +27,8 @@ pub struct GemmCall<'py> {
     /// Opt4GPTQ variant name; None: the platform default.
     pub variant: Option<String>,
     pub stream: usize,
-    /// int64, M * N elements: where the split-K exllama variants sum their K
-    /// blocks (GPU only; see dispatch::may_split_k). None where no call needs it.
+    /// float16 [K blocks, M, N]: where the split-K exllama variants store their
+    /// K blocks' shares (GPU only; see dispatch::may_split_k). None where no call needs it.
     pub workspace: Option<Bound<'py, PyAny>>,
 }
 
@@ -179,8 +179,8 @@ fn gpu_gemm(
     }
     if path == KernelPath::Exllama && variant.splits_k() && workspace.is_none() {
         return Err(Error::value(format!(
-            "variant {:?} adds its K blocks into an int64 [M, N] workspace, and none was given (workspace=None; \
-             opt4gptq.gptq_gemm allocates one)",
+            "variant {:?} stores its K blocks' shares in a float16 [K blocks, M, N] workspace, and none was given \
+             (workspace=None; opt4gptq.gptq_gemm allocates one)",
             variant.name()
         )));
     }

@@ -167,17 +167,19 @@ pub fn check_gemm(t: &GemmMetas<'_>, bit: i64, use_v2_format: bool) -> Result<Ge
     })
 }
 
-/// The split-K workspace: int64 on a's device, contiguous, with room for the
-/// M * N sums (any shape; gptq_gemm passes [M, N]).
+/// The split-K workspace: float16 on a's device, contiguous, with room for one
+/// [M, N] slice of shares per K block (any shape; gptq_gemm passes [blocks, M, N]).
 pub fn check_workspace(workspace: &TensorMeta, a: &TensorMeta, shape: &GemmShape) -> Result<()> {
-    workspace.expect_dtype(DType::I64)?;
+    workspace.expect_dtype(DType::F16)?;
     expect_same_device(a, &[workspace])?;
     workspace.expect_contiguous()?;
     let elements: i64 = workspace.shape.iter().product();
-    let needed = shape.m * shape.n;
+    let blocks = crate::dispatch::split_k_blocks(shape.k);
+    let needed = blocks * shape.m * shape.n;
     if to_usize(elements) < needed {
         return Err(Error::value(format!(
-            "{} has {elements} elements; the split-K sums need an int64 [M, N] = [{}, {}] workspace ({needed} elements)",
+            "{} has {elements} elements; the split-K shares need a float16 [K blocks, M, N] = [{blocks}, {}, {}] \
+             workspace ({needed} elements)",
             workspace.name, shape.m, shape.n
         )));
     }
@@ -316,18 +318,19 @@ mod tests {
     }
 
     #[test]
-    fn workspace_is_int64_contiguous_on_the_same_device_and_large_enough() {
+    fn workspace_is_float16_contiguous_on_the_same_device_with_a_slice_per_k_block() {
         let c = Case::new(4, 256, 64, 2, 4);
         let shape = c.check(4).unwrap();
-        assert!(check_workspace(&meta("workspace", DType::I64, &[4, 64]), &c.a, &shape).is_ok());
-        assert!(check_workspace(&meta("workspace", DType::I64, &[300]), &c.a, &shape).is_ok());
-        let message = check_workspace(&meta("workspace", DType::I32, &[4, 64]), &c.a, &shape).unwrap_err().to_string();
-        assert!(message.contains("workspace must be int64; got int32"), "{message}");
-        let message = check_workspace(&meta("workspace", DType::I64, &[4, 63]), &c.a, &shape).unwrap_err().to_string();
-        assert!(message.starts_with("workspace has 252 elements") && message.contains("[4, 64]"), "{message}");
-        let strided = TensorMeta::new("workspace", Device::Cpu, DType::I64, vec![4, 64], Some(vec![128, 1]));
+        // K = 256: two blocks of 128 rows, two [4, 64] slices of shares.
+        assert!(check_workspace(&meta("workspace", DType::F16, &[2, 4, 64]), &c.a, &shape).is_ok());
+        assert!(check_workspace(&meta("workspace", DType::F16, &[600]), &c.a, &shape).is_ok());
+        let message = check_workspace(&meta("workspace", DType::I64, &[2, 4, 64]), &c.a, &shape).unwrap_err().to_string();
+        assert!(message.contains("workspace must be float16; got int64"), "{message}");
+        let message = check_workspace(&meta("workspace", DType::F16, &[2, 4, 63]), &c.a, &shape).unwrap_err().to_string();
+        assert!(message.starts_with("workspace has 504 elements") && message.contains("[2, 4, 64]"), "{message}");
+        let strided = TensorMeta::new("workspace", Device::Cpu, DType::F16, vec![2, 4, 64], Some(vec![512, 128, 1]));
         assert!(check_workspace(&strided, &c.a, &shape).unwrap_err().to_string().contains("contiguous"));
-        let mut elsewhere = meta("workspace", DType::I64, &[4, 64]);
+        let mut elsewhere = meta("workspace", DType::F16, &[2, 4, 64]);
         elsewhere.device = Device::Cuda(0);
         assert!(check_workspace(&elsewhere, &c.a, &shape).unwrap_err().to_string().contains("workspace is on cuda:0"));
     }

@@ -145,8 +145,9 @@ def exllama_gamma(variant: str, k: int) -> float:
     order, fp16 underflow aside). Each 8-row partial takes 3 fp16 roundings (two
     FMAs and the joining add): 3u. Split-K variants also round each 128-row
     block's share to fp16, as vLLM does: u per unit of that block's own sum|a*w|,
-    so u in all. The shares then add exactly (int64 fixed point, not vLLM's fp16
-    atomics, which cost up to u more per block) and the total is rounded once."""
+    so u in all. The shares then add in fp32 in block order (at most k/128 adds,
+    inside fp32_gamma(k); vLLM's fp16 atomics cost up to u more per block) and
+    the total is rounded once."""
     gamma = 3 * U + fp32_gamma(k)
     if variant in SPLIT_K_VARIANTS:
         gamma += U

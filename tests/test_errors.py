@@ -211,7 +211,7 @@ def test_dense_path_needs_torch_gpu_tensors(args):
 
 
 def engine_gemm(args, workspace):
-    """The engine's own entry, which also takes the int64 workspace that gptq_gemm
+    """The engine's own entry, which also takes the float16 workspace that gptq_gemm
     allocates for the split-K variants on a GPU. CPU arrays never use one, but a
     workspace that is given is checked like every operand."""
     from opt4gptq import _C
@@ -224,17 +224,19 @@ def engine_gemm(args, workspace):
                    None if workspace is None else capsule(workspace, launch_for(workspace)))
 
 
+# K = 256: two K blocks of 128 rows, so two [4, 64] slices of shares.
 @pytest.mark.parametrize("workspace, error, pattern", [
-    (np.zeros((4, 64), np.int32), TypeError, "workspace must be int64; got int32"),
-    (np.zeros((4, 63), np.int64), ValueError, r"workspace has 252 elements; the split-K sums need an int64 \[M, N\] = \[4, 64\]"),
-    (np.zeros((4, 128), np.int64)[:, ::2], ValueError, "workspace must be contiguous"),
-    (FakeCudaArray(np.zeros((4, 64), np.int64)), ValueError, "workspace is on cuda:0 but a is on cpu"),
+    (np.zeros((2, 4, 64), np.int64), TypeError, "workspace must be float16; got int64"),
+    (np.zeros((2, 4, 63), np.float16), ValueError,
+     r"workspace has 504 elements; the split-K shares need a float16 \[K blocks, M, N\] = \[2, 4, 64\]"),
+    (np.zeros((2, 4, 128), np.float16)[:, :, ::2], ValueError, "workspace must be contiguous"),
+    (FakeCudaArray(np.zeros((2, 4, 64), np.float16)), ValueError, "workspace is on cuda:0 but a is on cpu"),
 ])
 def test_bad_workspace_names_the_argument(args, workspace, error, pattern):
     with pytest.raises(error, match=pattern):
         engine_gemm(args, workspace)
 
 
-def test_a_workspace_of_at_least_m_times_n_elements_is_accepted(args):
-    assert engine_gemm(args, np.zeros(4 * 64 + 10, np.int64)) == "cpu"
+def test_a_workspace_with_a_slice_per_k_block_is_accepted(args):
+    assert engine_gemm(args, np.zeros(2 * 4 * 64 + 10, np.float16)) == "cpu"
     assert engine_gemm(args, None) == "cpu"

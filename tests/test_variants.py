@@ -1,7 +1,8 @@
 """Every Opt4GPTQ variant on the GPU: right answers on every axis, and the
-same bits on every call, in CUDA graphs and on concurrent streams. SMB has no
-atomics; the split-K variants (baseline, vml, ila) add their K blocks exactly
-(int64 fixed point), so the order the blocks arrive in cannot show."""
+same bits on every call, in CUDA graphs and on concurrent streams. No variant
+uses atomics: SMB meets its K slices in shared memory, the split-K variants
+(baseline, vml, ila) store each K block's shares in its own workspace slice and
+add the slices in order, so the order the blocks finish in cannot show."""
 
 import functools
 
@@ -93,7 +94,7 @@ def test_cuda_graph(variant, m):
     eager = opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4).clone()
     out = torch.empty((m, t.n), dtype=torch.float16, device="cuda")
     graph = capture_in_graph(lambda: opt4gptq.gptq_gemm(a, qweight, zeros, scales, perm, True, 4, out=out), out)
-    for _ in range(3):  # split-K variants: the captured memset re-zeroes their workspace on each replay
+    for _ in range(3):  # split-K variants: every replay rewrites each workspace slice before summing
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
@@ -147,17 +148,17 @@ def engine_gemm(problem, variant, workspace):
 def test_split_k_needs_its_workspace(split_k):
     import torch
 
-    problem = shared_problem(3, 1024, 512, 4, 128, False)
-    with pytest.raises(ValueError, match=r"adds its K blocks into an int64 \[M, N\] workspace, and none was given"):
+    problem = shared_problem(3, 1024, 512, 4, 128, False)  # 8 K blocks of 128 rows
+    with pytest.raises(ValueError, match=r"stores its K blocks' shares in a float16 \[K blocks, M, N\] workspace, and none"):
         engine_gemm(problem, split_k, None)
-    with pytest.raises(TypeError, match="workspace must be int64; got int32"):
-        engine_gemm(problem, split_k, torch.zeros((3, 512), dtype=torch.int32, device="cuda"))
-    with pytest.raises(ValueError, match=r"workspace has 1535 elements; .* \[3, 512\]"):
-        engine_gemm(problem, split_k, torch.zeros(1535, dtype=torch.int64, device="cuda"))
+    with pytest.raises(TypeError, match="workspace must be float16; got int64"):
+        engine_gemm(problem, split_k, torch.zeros((8, 3, 512), dtype=torch.int64, device="cuda"))
+    with pytest.raises(ValueError, match=r"workspace has 12287 elements; .* \[8, 3, 512\]"):
+        engine_gemm(problem, split_k, torch.zeros(12287, dtype=torch.float16, device="cuda"))
     with pytest.raises(ValueError, match="workspace is on cpu but a is on cuda:0"):
-        engine_gemm(problem, split_k, torch.zeros((3, 512), dtype=torch.int64))
-    # Any contiguous int64 buffer of at least M * N elements will do; its old contents do not matter.
-    kernel, out = engine_gemm(problem, split_k, torch.full((2000,), -1, dtype=torch.int64, device="cuda"))
+        engine_gemm(problem, split_k, torch.zeros((8, 3, 512), dtype=torch.float16))
+    # Any contiguous float16 buffer with room for the slices will do; its old contents (NaN here) do not matter.
+    kernel, out = engine_gemm(problem, split_k, torch.full((13000,), float("nan"), dtype=torch.float16, device="cuda"))
     torch.cuda.synchronize()
     assert kernel == f"exllama/{split_k}"
     problem.kernel = kernel

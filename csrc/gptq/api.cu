@@ -61,7 +61,7 @@ o4g::GemmParams to_params(const o4g_gemm_args &args)
     p.g_idx = args.g_idx;
     p.perm = args.perm;
     p.out = static_cast<__half *>(args.out);
-    p.workspace = static_cast<unsigned long long *>(args.workspace);
+    p.workspace = static_cast<__half *>(args.workspace);
     p.m = args.m;
     p.k = args.k;
     p.n = args.n;
@@ -98,7 +98,9 @@ int launch_gemm(const o4g::GemmParams &p, int path, int variant, cudaStream_t st
             return fail(O4G_ERR_ARGS, "the exllama path needs contiguous groups of a multiple of 32 rows");
         if ((variant & O4G_SMB) == 0) {
             if (p.workspace == nullptr)
-                return fail(O4G_ERR_ARGS, "the split-K exllama variants need an int64 [m, n] workspace");
+                return fail(O4G_ERR_ARGS, "the split-K exllama variants need an fp16 [ceil(k / 128), m, n] workspace");
+            if (reinterpret_cast<uintptr_t>(p.workspace) % 8 != 0)
+                return fail(O4G_ERR_ARGS, "the split-K workspace must be 8-byte aligned");
             if ((p.k + o4g::kExSplitRows - 1) / o4g::kExSplitRows > o4g::kExMaxSplitBlocks)
                 return fail(O4G_ERR_ARGS, "the split-K exllama variants serve at most 65535 blocks of 128 rows of K");
         }

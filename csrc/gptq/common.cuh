@@ -14,7 +14,7 @@ struct GemmParams {
     const int32_t *g_idx;
     const int32_t *perm;
     __half *out;
-    unsigned long long *workspace;  // int64 [m, n] sums of the split-K exllama kernel, or null
+    __half *workspace;  // fp16 [K blocks, m, n] shares of the split-K exllama kernel, or null
     int64_t m, k, n, lda;
     int32_t groups;
     int32_t group_size;   // rows per group when g_idx is NULL

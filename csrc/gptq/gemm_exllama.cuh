@@ -4,12 +4,12 @@
 //   baseline  vLLM 0.3.3's scheme: 128 threads x 4 columns per block, one block
 //             per 128 rows of K (split-K over the grid), activations staged in
 //             shared memory one half per load, (q - z) * a as half2 FMAs over 8
-//             rows, then fp32; every K block rounds its share to fp16 and adds
-//             it atomically into the result. Minus vLLM's zeroing race and its
-//             arrival-order fp16 atomics: the shares are added exactly as 2^-24
-//             fixed point in an int64 workspace the launcher zeroes on the
-//             stream, then rounded once into the output by a small kernel
-//             (splitk_sum.cuh). Bitwise repeatable, like every variant.
+//             rows, then fp32; every K block rounds its share to fp16. Minus
+//             vLLM's zeroing race and its arrival-order fp16 atomics: block z
+//             stores its shares into slice z of an fp16 [K blocks, M, N]
+//             workspace, and a small kernel adds them in block order and
+//             rounds once into the output (splitk_sum.cuh). No atomics;
+//             bitwise repeatable, like every variant.
 //   SMB       shared-memory buffering, built correctly: a block owns 32 columns
 //             and all of K, split over 16 K-slices; the slices' partial sums of
 //             the SAME (row, column) meet in shared memory and one thread stores
@@ -24,7 +24,7 @@
 // 16-byte words per 32-row pack for 4 adjacent columns. Requirements, checked
 // by the Rust dispatch: no g_idx (groups are contiguous), group size a
 // multiple of 32, qweight/a/out 16-byte aligned; the split-K variants also an
-// int64 [M, N] workspace from the caller.
+// fp16 [K blocks, M, N] workspace from the caller.
 #pragma once
 #include "common.cuh"
 #include "splitk_sum.cuh"
@@ -37,7 +37,6 @@ constexpr int kExThreads = 128;
 constexpr int kExColumnsPerThread = 4;
 constexpr int kExSplitRows = 128;                             // K rows per block without SMB
 constexpr int64_t kExMaxSplitBlocks = 65535;                  // the grid's z limit
-static_assert(kExMaxSplitBlocks <= kSplitKMaxBlocks, "more K blocks than the int64 sums hold exactly");
 constexpr int kSmbSlices = 16;                                // K-slices per block with SMB
 constexpr int kSmbColumnThreads = kExThreads / kSmbSlices;    // 8 threads x 4 = 32 columns
 constexpr int kSmbColumns = kSmbColumnThreads * kExColumnsPerThread;
@@ -166,14 +165,15 @@ __global__ void __launch_bounds__(kExThreads) gemm_exllama_splitk_kernel(GemmPar
     for (int pack = 0; pack < rows / 32; ++pack)
         accumulate_pack<BITS, M_COUNT, ILA>(p, k0 / 32 + pack, n0, &tile[0][pack * 32], kExSplitRows, acc);
 
-    // Split-K: each K block adds its share, rounded to fp16, into the
-    // (launcher-zeroed) int64 workspace, exactly; the finalize kernel rounds the totals.
+    // Split-K: block z stores its shares, rounded to fp16 as vLLM's atomics
+    // would add them, into workspace slice z; splitk_sum.cuh adds the slices.
+    __half *slice = p.workspace + static_cast<int64_t>(blockIdx.z) * p.m * p.n;
 #pragma unroll
     for (int m = 0; m < M_COUNT; ++m) {
         if (m0 + m >= p.m) continue;
-        unsigned long long *dst = p.workspace + (m0 + m) * p.n + n0;
-#pragma unroll
-        for (int c = 0; c < kExColumnsPerThread; ++c) splitk_add(dst + c, acc[m][c]);
+        __half2 *dst = reinterpret_cast<__half2 *>(slice + (m0 + m) * p.n + n0);
+        dst[0] = __floats2half2_rn(acc[m][0], acc[m][1]);
+        dst[1] = __floats2half2_rn(acc[m][2], acc[m][3]);
     }
 }
 
@@ -236,18 +236,15 @@ cudaError_t launch_exllama_instance(const GemmParams &p, cudaStream_t stream)
                         static_cast<unsigned>((p.m + M_COUNT - 1) / M_COUNT));
         gemm_exllama_smb_kernel<BITS, M_COUNT, VML, ILA><<<grid, kExThreads, 0, stream>>>(p);
     } else {
-        // Zero the sums on the stream (graph-capturable), add the K blocks' shares, round once into out.
-        const cudaError_t zeroed =
-            cudaMemsetAsync(p.workspace, 0, static_cast<size_t>(p.m * p.n) * sizeof(unsigned long long), stream);
-        if (zeroed != cudaSuccess) return zeroed;
+        // Every workspace slot is stored by exactly one K block: no zeroing.
         const int64_t columns_per_block = static_cast<int64_t>(kExThreads) * kExColumnsPerThread;
+        const int64_t k_blocks = (p.k + kExSplitRows - 1) / kExSplitRows;
         const dim3 grid(static_cast<unsigned>((p.n + columns_per_block - 1) / columns_per_block),
-                        static_cast<unsigned>((p.m + M_COUNT - 1) / M_COUNT),
-                        static_cast<unsigned>((p.k + kExSplitRows - 1) / kExSplitRows));
+                        static_cast<unsigned>((p.m + M_COUNT - 1) / M_COUNT), static_cast<unsigned>(k_blocks));
         gemm_exllama_splitk_kernel<BITS, M_COUNT, VML, ILA><<<grid, kExThreads, 0, stream>>>(p);
         const cudaError_t launched = cudaGetLastError();
         if (launched != cudaSuccess) return launched;
-        return launch_splitk_finalize(p.workspace, p.out, p.m * p.n, stream);
+        return launch_splitk_sum(p.workspace, p.out, p.m * p.n, static_cast<int>(k_blocks), stream);
     }
     return cudaGetLastError();
 }

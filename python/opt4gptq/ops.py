@@ -105,13 +105,14 @@ def gptq_gemm(
     variant: the Opt4GPTQ variant of the exllama kernels (see :func:`opt4gptq.variants`);
     None reads ``OPT4GPTQ_VARIANT``, then falls back to the platform default.
     Every variant gives the same bits on identical calls; on a GPU the split-K
-    ones (baseline, vml, ila) also allocate an int64 ``[M, N]`` workspace, like ``out``.
+    ones (baseline, vml, ila) also allocate a float16 ``[ceil(K / 128), M, N]``
+    workspace for their K blocks' shares, like ``out``.
 
     Returns ``[M, N]`` float16 from the caller's library, on its device; GPU
     work is queued on the caller's current stream without synchronizing.
     """
     _check_bit(bit)
-    m, _ = _check_2d(a, "a", "[M, K] activations")
+    m, k = _check_2d(a, "a", "[M, K] activations")
     _, n = _check_2d(b_q_weight, "b_q_weight", "[K * bit / 32, N] packed weights")
     groups, _ = _check_2d(b_gptq_scales, "b_gptq_scales", "[groups, N] scales")
     g_idx = None if is_absent(b_g_idx) else b_g_idx
@@ -131,11 +132,13 @@ def gptq_gemm(
         _dense_gemm(a, b_q_weight, b_gptq_qzeros, b_gptq_scales, g_idx, out, use_exllama, bit, use_v2_format, launch)
         return out
     workspace = None
-    if is_gpu(a) and _C.needs_workspace(m, bit, bool(use_exllama), path, variant):
-        # The split-K variants add their K blocks into int64 [M, N] sums. Like
-        # out, they come from the caller's library: stream-ordered and
-        # graph-capturable, and one per call, so concurrent streams never share one.
-        workspace = empty_like(a, (m, n), "int64")
+    workspace_shape = _C.split_k_workspace(m, k, n, bit, bool(use_exllama), path, variant) if is_gpu(a) else None
+    if workspace_shape is not None:
+        # The split-K variants store each K block's shares in its own [M, N]
+        # slice, then add the slices in order. Like out, the workspace comes
+        # from the caller's library: stream-ordered and graph-capturable, and
+        # one per call, so concurrent streams never share one.
+        workspace = empty_like(a, workspace_shape, "float16")
     _last.kernel = _C.gemm(
         capsule(a, launch),
         capsule(b_q_weight, launch),
