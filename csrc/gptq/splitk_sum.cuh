@@ -22,7 +22,10 @@ constexpr int kSplitKSumElements = 4;  // per thread: one 8-byte load per block 
 
 // out[i] = fp16(sum over z of shares[z * count + i]), z in order, for 4
 // consecutive elements per thread (count is a multiple of 4: N * bits is a
-// multiple of 32 for every bit width; the workspace is 8-byte aligned).
+// multiple of 32 for every bit width; the workspace is 8-byte aligned). A
+// template only so that every translation unit including this header may
+// instantiate it without clashing at device link time.
+template <int Unused = 0>
 __global__ void __launch_bounds__(kSplitKSumThreads)
     splitk_sum_kernel(const __half *shares, __half *out, int64_t count, int blocks)
 {
@@ -49,7 +52,7 @@ inline cudaError_t launch_splitk_sum(const __half *shares, __half *out, int64_t 
 {
     const int64_t per_block = static_cast<int64_t>(kSplitKSumThreads) * kSplitKSumElements;
     const int64_t grid = (count + per_block - 1) / per_block;
-    splitk_sum_kernel<<<static_cast<unsigned>(grid), kSplitKSumThreads, 0, stream>>>(shares, out, count, blocks);
+    splitk_sum_kernel<><<<static_cast<unsigned>(grid), kSplitKSumThreads, 0, stream>>>(shares, out, count, blocks);
     return cudaGetLastError();
 }
 
