@@ -96,16 +96,18 @@ impl Variant {
     }
 }
 
-/// The variant used when the caller names none.
-///
-/// opt4gptq: it needs no workspace and no second kernel. Every variant is
-/// bitwise repeatable, the split-K ones (`baseline`, `vml`, `ila`) by storing
-/// each K block's shares in its own workspace slice and adding the slices in
-/// order (csrc/gptq/splitk_sum.cuh). On NVIDIA a call that names no variant
-/// runs the tensor-core path wherever it applies, so this choice matters where
-/// it does not; on ROCm it is unmeasured: opt4gptq is the paper's choice for
-/// the DCU. Never a split-K variant, so callers that name none need no workspace.
-pub const DEFAULT_VARIANT: Variant = Variant::Opt4gptq;
+/// The variant used when the caller names none: the fastest one measured on
+/// the platform. On NVIDIA a call that names no variant runs the tensor-core
+/// path wherever it applies (4-bit), so this serves the rest (2/3/8-bit, odd
+/// shapes); there `vml` is the fastest on the H100 at every bit width (Llama-2-7B
+/// layers, benchmarks/results/h100/variants_bits: 1.00x baseline at M=1,
+/// 1.04-1.18x at M=4..16, where opt4gptq is 0.64-1.01x). Every variant is bitwise
+/// repeatable; `vml`, being split-K, gets a workspace from the caller
+/// (`split_k_workspace`). On ROCm nothing is measured (no AMD GPU was
+/// available): opt4gptq, the paper's choice for the DCU.
+pub fn default_variant() -> Variant {
+    if env!("O4G_BACKEND") == "cuda" { Variant::Vml } else { Variant::Opt4gptq }
+}
 
 /// Largest M served by the skinny kernel when the exllama family does not apply.
 pub const SKINNY_MAX_ROWS: usize = 16;
@@ -194,11 +196,20 @@ pub fn split_k_blocks(k: usize) -> usize {
 /// [K blocks, M, N] workspace: a split-K variant on the exllama path, forced or
 /// within its row limit. Facts only the engine sees (alignment, group size) may
 /// still send the call elsewhere; a workspace it did not need is only allocated.
-pub fn may_split_k(m: usize, bits: u32, use_exllama: bool, path: Option<KernelPath>, variant: Variant) -> bool {
+pub fn may_split_k(
+    m: usize,
+    n: usize,
+    bits: u32,
+    use_exllama: bool,
+    path: Option<KernelPath>,
+    variant: Option<Variant>,
+) -> bool {
+    let mma_first = variant.is_none() && mma_built() && bits == 4 && n % 32 == 0 && m <= MMA_MAX_ROWS;
     let exllama = match path {
         Some(path) => path == KernelPath::Exllama,
-        None => m <= exllama_max_rows(bits),
+        None => m <= exllama_max_rows(bits) && !mma_first,
     };
+    let variant = variant.unwrap_or_else(default_variant);
     use_exllama && variant.splits_k() && exllama
 }
 
@@ -257,14 +268,19 @@ mod tests {
     fn only_split_k_variants_on_the_exllama_path_need_a_workspace() {
         let split: Vec<_> = Variant::ALL.into_iter().filter(|v| v.splits_k()).map(Variant::name).collect();
         assert_eq!(split, ["baseline", "vml", "ila"]);
-        assert!(!DEFAULT_VARIANT.splits_k());
-        assert!(may_split_k(50, 4, true, None, Variant::Vml));
-        assert!(!may_split_k(51, 4, true, None, Variant::Vml));
-        assert!(!may_split_k(25, 8, true, None, Variant::Baseline));
-        assert!(may_split_k(300, 4, true, Some(KernelPath::Exllama), Variant::Ila));
-        assert!(!may_split_k(1, 4, true, Some(KernelPath::Skinny), Variant::Baseline));
-        assert!(!may_split_k(1, 4, false, None, Variant::Baseline));
-        assert!(!may_split_k(1, 4, true, None, Variant::Smb));
+        assert!(may_split_k(50, 64, 4, true, None, Some(Variant::Vml)));
+        assert!(!may_split_k(51, 64, 4, true, None, Some(Variant::Vml)));
+        assert!(!may_split_k(25, 64, 8, true, None, Some(Variant::Baseline)));
+        assert!(may_split_k(300, 64, 4, true, Some(KernelPath::Exllama), Some(Variant::Ila)));
+        assert!(!may_split_k(1, 64, 4, true, Some(KernelPath::Skinny), Some(Variant::Baseline)));
+        assert!(!may_split_k(1, 64, 4, false, None, Some(Variant::Baseline)));
+        assert!(!may_split_k(1, 64, 4, true, None, Some(Variant::Smb)));
+        // No variant named: the platform default, behind the tensor-core path where that applies.
+        let cuda = mma_built();
+        assert_eq!(default_variant(), if cuda { Variant::Vml } else { Variant::Opt4gptq });
+        assert_eq!(may_split_k(8, 64, 8, true, None, None), cuda);
+        assert!(!may_split_k(8, 64, 4, true, None, None));
+        assert_eq!(may_split_k(8, 48, 4, true, None, None), cuda);
     }
 
     #[test]

@@ -104,8 +104,12 @@ fn split_k_workspace(
         Some(Ok(path)) => Some(path),
         Some(Err(_)) => return None,
     };
-    let variant = variant.map_or(Ok(dispatch::DEFAULT_VARIANT), dispatch::Variant::parse).ok()?;
-    dispatch::may_split_k(m, bit, use_exllama, path, variant).then(|| (dispatch::split_k_blocks(k), m, n))
+    let variant = match variant.map(dispatch::Variant::parse) {
+        None => None,
+        Some(Ok(variant)) => Some(variant),
+        Some(Err(_)) => return None,
+    };
+    dispatch::may_split_k(m, n, bit, use_exllama, path, variant).then(|| (dispatch::split_k_blocks(k), m, n))
 }
 
 /// Rows above which a torch GPU caller is served by dequantize + torch.matmul.
@@ -130,7 +134,7 @@ fn variants() -> Vec<&'static str> {
 /// The variant used when neither variant= nor OPT4GPTQ_VARIANT names one.
 #[pyfunction]
 fn default_variant() -> &'static str {
-    dispatch::DEFAULT_VARIANT.name()
+    dispatch::default_variant().name()
 }
 
 /// "cpu", "cuda" or "rocm": what this build was compiled for.

@@ -1,7 +1,7 @@
 //! gptq_gemm and the row permutation behind gptq_shuffle: import, validate, dispatch.
 
 use crate::cpu;
-use crate::dispatch::{DEFAULT_VARIANT, Facts, KernelPath, Variant, check_forced_path, choose_path};
+use crate::dispatch::{Facts, KernelPath, Variant, check_forced_path, choose_path, default_variant};
 use crate::error::{Error, Result};
 use crate::meta::Device;
 use crate::quant::{
@@ -105,7 +105,7 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
         workspace.expect_writable()?;
         check_workspace(&workspace.meta, &a.meta, &shape)?;
     }
-    let variant = call.variant.as_deref().map_or(Ok(DEFAULT_VARIANT), Variant::parse)?;
+    let variant = call.variant.as_deref().map_or_else(|| Ok(default_variant()), Variant::parse)?;
     let (groups_of_rows, permutation) = operands.index_roles();
     let facts = Facts {
         use_exllama: call.use_exllama,
