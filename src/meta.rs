@@ -41,7 +41,6 @@ impl fmt::Display for Device {
 pub enum DType {
     F16,
     I32,
-    I64,
     /// DLPack (code, bits, lanes) of anything else, kept for the error message.
     Other(u8, u8, u16),
 }
@@ -51,7 +50,6 @@ impl fmt::Display for DType {
         match self {
             DType::F16 => write!(f, "float16"),
             DType::I32 => write!(f, "int32"),
-            DType::I64 => write!(f, "int64"),
             DType::Other(code, bits, lanes) => {
                 let kind = match code {
                     0 => "int",

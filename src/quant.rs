@@ -324,7 +324,7 @@ mod tests {
         // K = 256: two blocks of 128 rows, two [4, 64] slices of shares.
         assert!(check_workspace(&meta("workspace", DType::F16, &[2, 4, 64]), &c.a, &shape).is_ok());
         assert!(check_workspace(&meta("workspace", DType::F16, &[600]), &c.a, &shape).is_ok());
-        let message = check_workspace(&meta("workspace", DType::I64, &[2, 4, 64]), &c.a, &shape).unwrap_err().to_string();
+        let message = check_workspace(&meta("workspace", DType::Other(0, 64, 1), &[2, 4, 64]), &c.a, &shape).unwrap_err().to_string();
         assert!(message.contains("workspace must be float16; got int64"), "{message}");
         let message = check_workspace(&meta("workspace", DType::F16, &[2, 4, 63]), &c.a, &shape).unwrap_err().to_string();
         assert!(message.starts_with("workspace has 504 elements") && message.contains("[2, 4, 64]"), "{message}");

@@ -30,7 +30,6 @@ fn dtype_of(code: DLDataTypeCode, bits: u8, lanes: u16) -> DType {
     match (code, bits, lanes) {
         (DLDataTypeCode::FLOAT, 16, 1) => DType::F16,
         (DLDataTypeCode::INT, 32, 1) => DType::I32,
-        (DLDataTypeCode::INT, 64, 1) => DType::I64,
         (DLDataTypeCode(code), bits, lanes) => DType::Other(code, bits, lanes),
     }
 }

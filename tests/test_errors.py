@@ -165,7 +165,7 @@ class FakeCudaArray:
         self._host = like
         self.shape = like.shape
         self._shape = (ctypes.c_int64 * like.ndim)(*like.shape)
-        code = {np.dtype(np.float16): 2, np.dtype(np.int32): 0, np.dtype(np.int64): 0}[like.dtype]
+        code = {np.dtype(np.float16): 2, np.dtype(np.int32): 0}[like.dtype]
         self._managed = _DLManagedTensor(
             _DLTensor(like.ctypes.data, _DLDevice(2, 0), like.ndim, _DLDataType(code, like.dtype.itemsize * 8, 1),
                       self._shape, None, 0), None, None)

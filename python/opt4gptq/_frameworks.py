@@ -111,7 +111,7 @@ def capsule(x: Any, launch: Launch) -> Any:
 
 
 def empty_like(x: Any, shape: Tuple[int, ...], dtype: str) -> Any:
-    """An uninitialized array of `shape` and `dtype` ('float16', 'int32', 'int64') from x's library, on x's device."""
+    """An uninitialized array of `shape` and `dtype` ('float16', 'int32') from x's library, on x's device."""
     library = library_of(x)
     if library == "numpy":
         return np.empty(shape, dtype=dtype)
