@@ -131,6 +131,20 @@ __device__ __forceinline__ GroupMeta fetch_group(const GemmParams &p, int64_t gr
     return meta;
 }
 
+// The zero points of the lane's 4 columns as half2 pairs to subtract.
+__device__ __forceinline__ void decode_zero_pairs(const GemmParams &p, const GroupMeta &meta, int64_t column,
+                                                  ZeroPairs &zero)
+{
+    // column is a multiple of 4, so its 4 zeros are one half of the word.
+    const uint32_t nibbles = meta.zeros >> (4 * (column % 8));
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+        const uint32_t z = ((nibbles >> (4 * c)) & 0xFu) + static_cast<uint32_t>(p.zero_offset);  // <= 16
+        zero.low[c] = (0x6400u + z) * 0x00010001u;
+        zero.high[c] = (0x6400u + 16u * z) * 0x00010001u;
+    }
+}
+
 // Scales as fp32, zero points as the half2 pairs multiply_share subtracts.
 __device__ __forceinline__ void decode_group(const GemmParams &p, const GroupMeta &meta, int64_t column,
                                              float (&scale)[4], ZeroPairs &zero)
@@ -141,14 +155,7 @@ __device__ __forceinline__ void decode_group(const GemmParams &p, const GroupMet
     scale[1] = __high2float(s01);
     scale[2] = __low2float(s23);
     scale[3] = __high2float(s23);
-    // column is a multiple of 4, so its 4 zeros are one half of the word.
-    const uint32_t nibbles = meta.zeros >> (4 * (column % 8));
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-        const uint32_t z = ((nibbles >> (4 * c)) & 0xFu) + static_cast<uint32_t>(p.zero_offset);  // <= 16
-        zero.low[c] = (0x6400u + z) * 0x00010001u;
-        zero.high[c] = (0x6400u + 16u * z) * 0x00010001u;
-    }
+    decode_zero_pairs(p, meta, column, zero);
 }
 
 // total += (acc + acc16 / 16) * scale of the accumulator's row; both reset.

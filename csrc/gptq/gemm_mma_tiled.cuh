@@ -71,23 +71,19 @@ struct Tiled {
 // One group's zero points and scales for a lane's 4 columns, as the half2
 // operands that turn (1024 + q) into (q - z) * s.
 struct ScaledGroup {
-    uint32_t zero_low[4];   // (1024 + z) twice: nibbles in the low bits
-    uint32_t zero_high[4];  // (1024 + 16 z) twice: nibbles in the high bits (16 q)
-    uint32_t scale[4];      // (s, s)
-    uint32_t scale16[4];    // (s / 16, s / 16), exact: a power-of-two step
+    ZeroPairs zero;        // as gemm_mma.cuh subtracts them
+    uint32_t scale[4];    // (s, s)
+    uint32_t scale16[4];  // (s / 16, s / 16), exact: a power-of-two step
 };
 
 __device__ __forceinline__ void decode_scaled_group(const GemmParams &p, const GroupMeta &meta, int64_t column,
                                                     ScaledGroup &group)
 {
-    const uint32_t nibbles = meta.zeros >> (4 * (column % 8));
+    decode_zero_pairs(p, meta, column, group.zero);
     const uint32_t scale_bits[4] = {meta.scales.x & 0xFFFFu, meta.scales.x >> 16, meta.scales.y & 0xFFFFu,
                                     meta.scales.y >> 16};
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-        const uint32_t z = ((nibbles >> (4 * c)) & 0xFu) + static_cast<uint32_t>(p.zero_offset);  // <= 16
-        group.zero_low[c] = (0x6400u + z) * 0x00010001u;
-        group.zero_high[c] = (0x6400u + 16u * z) * 0x00010001u;
         group.scale[c] = scale_bits[c] * 0x00010001u;
         const __half s16 = __hmul(__ushort_as_half(static_cast<unsigned short>(scale_bits[c])), __float2half(0.0625f));
         group.scale16[c] = static_cast<uint32_t>(__half_as_ushort(s16)) * 0x00010001u;
@@ -96,8 +92,8 @@ __device__ __forceinline__ void decode_scaled_group(const GemmParams &p, const G
 
 __device__ __forceinline__ uint32_t scaled_weights(uint32_t magic_pair, uint32_t zero, uint32_t scale)
 {
-    const __half2 q = __hsub2(*reinterpret_cast<__half2 *>(&magic_pair), *reinterpret_cast<__half2 *>(&zero));
-    const __half2 w = __hmul2(q, *reinterpret_cast<__half2 *>(&scale));
+    const uint32_t q = subtract_half2(magic_pair, zero);
+    const __half2 w = __hmul2(*reinterpret_cast<const __half2 *>(&q), *reinterpret_cast<__half2 *>(&scale));
     return *reinterpret_cast<const uint32_t *>(&w);
 }
 
@@ -237,10 +233,10 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks) gemm_mma_tiled_ker
     #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const uint32_t shifted = words[c] >> 8;
-                const uint32_t w04 = scaled_weights(isa::and_or(words[c], 0x000F000Fu, 0x64006400u), group.zero_low[c], group.scale[c]);
-                const uint32_t w15 = scaled_weights(isa::and_or(words[c], 0x00F000F0u, 0x64006400u), group.zero_high[c], group.scale16[c]);
-                const uint32_t w26 = scaled_weights(isa::and_or(shifted, 0x000F000Fu, 0x64006400u), group.zero_low[c], group.scale[c]);
-                const uint32_t w37 = scaled_weights(isa::and_or(shifted, 0x00F000F0u, 0x64006400u), group.zero_high[c], group.scale16[c]);
+                const uint32_t w04 = scaled_weights(isa::and_or(words[c], 0x000F000Fu, 0x64006400u), group.zero.low[c], group.scale[c]);
+                const uint32_t w15 = scaled_weights(isa::and_or(words[c], 0x00F000F0u, 0x64006400u), group.zero.high[c], group.scale16[c]);
+                const uint32_t w26 = scaled_weights(isa::and_or(shifted, 0x000F000Fu, 0x64006400u), group.zero.low[c], group.scale[c]);
+                const uint32_t w37 = scaled_weights(isa::and_or(shifted, 0x00F000F0u, 0x64006400u), group.zero.high[c], group.scale16[c]);
                 w[c][0] = isa::pair_low_halves(w04, w15);
                 w[c][1] = isa::pair_low_halves(w26, w37);
                 w[c][2] = isa::pair_high_halves(w04, w15);
