@@ -23,6 +23,28 @@ the CPU twin `_convert_weight_to_int4pack_for_cpu` takes int32 `[N, K]`), and
 dequantized reference (relative error printed and kept in the JSON) before it
 is timed; where torch lacks the ops, or the check fails, the peer is skipped
 with the reason printed.
+
+Two more peers run where their packages import (see benchmarks/peers.py, which
+holds the adapters and the notes on both libraries): **humming** (key
+`humming`, the quantized GEMM library vLLM uses, loaded the way vLLM's
+`--quantization humming` loads a GPTQ checkpoint: GPTQ schema ->
+`convert_humming` -> `HummingMethod.prepare_layer_meta` /
+`transform_humming_layer`, called through `HummingMethod.forward_layer`) and
+**gemlite** (key `gemlite`, Triton, `gemlite.helper.A16Wn(...).from_weights`
+with the weights converted as gemlite's own vLLM plugin converts GPTQ).
+Both get fp16 activations and the same GPTQ tensors as our kernels; each
+(layer, M) is first checked against `a @ W` in float64 (relative error kept as
+`<peer>_relerr`, two calls compared bit for bit as `<peer>_repeatable`, the
+first call's wall time, JIT compile or autotune included, as
+`<peer>_first_call_s`) and timed only if the error is below 1e-2. They are
+timed like everything else, as CUDA-graph replays, falling back to eager
+timing if a capture fails (`<peer>_timing`: "graph" or "eager").
+
+By default the weights are symmetric, as sym=True GPTQ checkpoints are: every
+stored zero 2^(bits-1) - 1 (z = 8 at 4 bits), which is what humming assumes
+for sym=True (it drops qzeros and computes scale * (q - 8)); `--no-sym` gives
+random zeros (the default before the humming peer), which humming can only
+read after the +1 to GPTQ v2 zeros its GPTQ schema leaves out.
 """
 
 from __future__ import annotations
@@ -41,6 +63,7 @@ import numpy as np
 
 import opt4gptq
 from opt4gptq import pack
+import peers as peer_lib
 from provenance import git_commit
 
 # K x N of the four linear layers of one decoder layer (qkv, o, gate+up, down).
@@ -62,13 +85,21 @@ def min_bytes(m: int, k: int, n: int, bits: int, group_size: int) -> int:
 
 
 INT4_LABEL = "torch int4"
-LABELS = {"path:default": "opt4gptq default (mma)", "torch_int4": INT4_LABEL}
+LABELS = {"path:default": "opt4gptq default (mma)", "torch_int4": INT4_LABEL, **peer_lib.LABELS}
 INT4_INNER_K_TILES = 8
 INT4_MAX_REL_ERR = 1e-2  # bf16 activations and bf16 scales/zeros: ~1e-3 expected; a wrong layout gives ~1
 
 
 def label(column: str) -> str:
     return LABELS.get(column, column)
+
+
+def random_weights(args, k: int, n: int, group_size: int, rng) -> "pack.GPTQTensors":
+    """GPTQ v1 tensors for one layer; with args.sym every stored zero is 2**(bits-1) - 1 (a sym=True checkpoint)."""
+    t = pack.random_gptq(k, n, args.bits, group_size, act_order=args.act_order, rng=rng)
+    if args.sym:
+        t.qzeros = pack.pack_cols(np.full((t.num_groups, n), (1 << (args.bits - 1)) - 1, dtype=np.int64), args.bits)
+    return t
 
 
 class Int4Peer:
@@ -161,6 +192,97 @@ class GpuTimer:
             samples.append(start.elapsed_time(stop) / 1e3 / len(calls))
         return statistics.median(samples)
 
+    def eager(self, calls: List[Callable[[], object]]) -> float:
+        """The same median, launching every call from Python (for calls a CUDA graph cannot capture):
+        where a call's GPU time is below its launch overhead this measures the launch."""
+        torch = self.torch
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+        samples = []
+        for _ in range(self.repeats):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for call in calls:
+                call()
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop) / 1e3 / len(calls))
+        return statistics.median(samples)
+
+
+def make_peers(torch, args) -> list:
+    """humming / gemlite adapters (benchmarks/peers.py) for the peers asked for, each printed with its state."""
+    objs = peer_lib.make(torch, args.peers, bits=args.bits, group_size=args.group_size, act_order=args.act_order,
+                         sym=args.sym, ms=args.m, humming_tuning=args.humming_tuning,
+                         gemlite_autotune=args.gemlite_autotune)
+    for p in objs:
+        print(f"{p.label}: skipped ({p.reason})" if p.reason else f"{p.label}: {json.dumps(p.settings())}")
+    return objs
+
+
+def peer_report(objs) -> dict:
+    return {p.key: {"label": p.label, "skipped": p.reason, "settings": None if p.reason else p.settings(),
+                    "layers": {}} for p in objs}
+
+
+def prepare_peers(torch, active, tensors, copies: int, shape: str, log: dict) -> dict:
+    """{peer key: one prepared handle per weight copy}; a peer that fails here is skipped for this layer."""
+    sets = {}
+    for p in active:
+        try:
+            start = time.perf_counter()
+            sets[p.key] = [p.prepare(*tensors) for _ in range(copies)]
+            torch.cuda.synchronize()
+            log[p.key]["layers"][shape] = {"prepare_s": time.perf_counter() - start}
+        except Exception as error:  # a peer's failure must not cost the whole run
+            print(f"{label(p.key)}: skipped for {shape}: {type(error).__name__}: {error}")
+            log[p.key]["layers"][shape] = {"error": f"{type(error).__name__}: {error}"}
+    return sets
+
+
+def time_peers(torch, timer, active, sets: dict, a, weight64, result: dict) -> None:
+    """Check each peer on this (layer, M) against a @ W in float64, then time it (graph replays, else eagerly)."""
+    m = a.shape[0]
+    for p in active:
+        if p.key not in sets:
+            continue
+        handles = sets[p.key]
+        try:
+            result[f"{p.key}_first_call_s"] = peer_lib.timed_first_call(torch, p, handles[0], a)
+            err, same = peer_lib.check(torch, p, handles[0], a, weight64)
+            result[f"{p.key}_relerr"], result[f"{p.key}_repeatable"] = err, same
+            result[f"{p.key}_kernel"] = p.kernel(handles[0], m)
+            if err > peer_lib.MAX_REL_ERR:
+                print(f"{p.label}: not timed at M={m}: relative error {err:.2e} against the float64 reference "
+                      f"(limit {peer_lib.MAX_REL_ERR:g})")
+                continue
+            calls = [lambda h=h, p=p: p(h, a) for h in handles]
+            try:
+                result[p.key], result[f"{p.key}_timing"] = timer(calls), "graph"
+            except Exception as error:
+                print(f"{p.label}: CUDA graph capture failed at M={m} ({type(error).__name__}: {error}); timed eagerly")
+                torch.cuda.synchronize()
+                result[p.key], result[f"{p.key}_timing"] = timer.eager(calls), "eager"
+        except Exception as error:
+            print(f"{p.label}: skipped at M={m}: {type(error).__name__}: {error}")
+            result[f"{p.key}_error"] = f"{type(error).__name__}: {error}"
+
+
+def print_peer_layer(active, rows: List[dict], shape: str, log: dict) -> None:
+    """One line per peer and layer: worst error, repeatability, first-call (JIT / autotune) seconds."""
+    for p in active:
+        errs = [r[f"{p.key}_relerr"] for r in rows if f"{p.key}_relerr" in r]
+        if not errs:
+            continue
+        same = [r[f"{p.key}_repeatable"] for r in rows if f"{p.key}_repeatable" in r]
+        first = sum(r.get(f"{p.key}_first_call_s", 0.0) for r in rows)
+        timing = sorted({r[f"{p.key}_timing"] for r in rows if f"{p.key}_timing" in r})
+        log[p.key]["layers"].setdefault(shape, {})["first_calls_s"] = first
+        print(f"{p.label}: {shape} relative error <= {max(errs):.2e} against the float64 reference; "
+              f"repeatable bits: {'yes' if all(same) else 'no' if not any(same) else 'at some M'}; "
+              f"first calls (JIT / autotune included) {first:.1f} s; timed {'/'.join(timing) or 'never'}")
+
 
 def copy_bandwidth(torch) -> float:
     """Device-to-device copy GB/s (bytes read + written), measured now."""
@@ -190,9 +312,12 @@ def run_gpu(args) -> dict:
     int4 = Int4Peer(torch, "cuda", args.bits, args.group_size, args.act_order)
     if int4.reason:
         print(f"{INT4_LABEL}: skipped ({int4.reason})")
+    peer_objs = make_peers(torch, args)
+    active = [p for p in peer_objs if p.reason is None]
+    peer_log = peer_report(peer_objs)
     for model in args.models:
         for k, n in MODELS[model]:
-            t = pack.random_gptq(k, n, args.bits, args.group_size, act_order=args.act_order, rng=rng)
+            t = random_weights(args, k, n, args.group_size, rng)
             perm = np.argsort(t.g_idx, kind="stable").astype(np.int32) if args.act_order else None
             weight_bytes = min_bytes(0, k, n, args.bits, args.group_size)
             copies = max(2, min(16, L2_FLUSH_BYTES // weight_bytes + 1))
@@ -219,6 +344,12 @@ def run_gpu(args) -> dict:
                     del packed, sz
                 except Exception as error:  # a contract change in torch must not cost the whole run
                     print(f"{INT4_LABEL}: skipped for {k}x{n}: {type(error).__name__}: {error}")
+            peer_sets, weight64, layer_rows = {}, None, []
+            if active:
+                originals = [torch.from_numpy(x).cuda() for x in (t.qweight, t.qzeros, t.scales)]
+                weight64 = peer_lib.dequantize(torch, *originals, bits=args.bits)
+                peer_sets = prepare_peers(torch, active, originals, copies, f"{k}x{n}", peer_log)
+                del originals
             for m in args.m:
                 a = torch.randn(m, k, dtype=torch.float16, device="cuda")
                 out = torch.empty(m, n, dtype=torch.float16, device="cuda")
@@ -240,13 +371,16 @@ def run_gpu(args) -> dict:
                 if int4_sets:
                     a_bf16 = a.to(torch.bfloat16)
                     result["torch_int4"] = timer([lambda s=s: int4(a_bf16, s[0], s[1]) for s in int4_sets])
+                time_peers(torch, timer, active, peer_sets, a, weight64, result)
                 rows.append(result)
+                layer_rows.append(result)
                 line = "  ".join(f"{v} {result[v] * 1e6:8.1f}" for v in columns_of(args) if v in result)
                 print(f"{model:13s} {k:5d}x{n:<5d} M={m:<5d} {line}  (us)", flush=True)
-            del sets, dense, int4_sets
+            print_peer_layer(active, layer_rows, f"{k}x{n}", peer_log)
+            del sets, dense, int4_sets, peer_sets, weight64
             torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(), "copy_bandwidth_gbs": bandwidth, "rows": rows,
-            "torch_int4_skipped": int4.reason}
+            "torch_int4_skipped": int4.reason, "peers": peer_log}
 
 
 def run_cpu(args) -> dict:
@@ -261,9 +395,10 @@ def run_cpu(args) -> dict:
     int4_reason = "torch not installed" if int4 is None else int4.reason
     if int4_reason:
         print(f"{INT4_LABEL}: skipped ({int4_reason})")
+    peer_log = peer_report(make_peers(torch, args))  # GPU only: here each says why it is skipped
     for m in args.m:
         k, n = 256, 256
-        t = pack.random_gptq(k, n, args.bits, 128, rng=rng)
+        t = random_weights(args, k, n, 128, rng)
         a = rng.standard_normal((m, k)).astype(np.float16)
         result = {"model": "tiny", "k": k, "n": n, "m": m, "bytes": min_bytes(m, k, n, args.bits, 128)}
         for variant in args.variants:
@@ -293,16 +428,18 @@ def run_cpu(args) -> dict:
                 print(f"{INT4_LABEL}: skipped ({int4_reason})")
         rows.append(result)
     return {"device": f"cpu ({platform.processor() or platform.machine()})", "copy_bandwidth_gbs": None, "rows": rows,
-            "torch_int4_skipped": int4_reason}
+            "torch_int4_skipped": int4_reason, "peers": peer_log}
 
 
 def columns_of(args) -> List[str]:
-    return args.variants + [f"path:{p}" for p in args.paths] + ["torch_fp16", "torch_int4"]
+    return args.variants + [f"path:{p}" for p in args.paths] + ["torch_fp16", "torch_int4"] + args.peers
 
 
 def peer_columns(rows: List[dict]) -> List[str]:
-    """torch_fp16, and torch_int4 where every row has it (it is skipped as a whole or per layer)."""
-    return ["torch_fp16"] + (["torch_int4"] if rows and all("torch_int4" in r for r in rows) else [])
+    """torch_fp16, then torch_int4, humming and gemlite where every row has them (each can be skipped as a
+    whole, per layer or, for the last two, per M)."""
+    optional = ("torch_int4",) + peer_lib.NAMES
+    return ["torch_fp16"] + [c for c in optional if rows and all(c in r for r in rows)]
 
 
 def summarize(report: dict, variants: List[str]) -> List[str]:
@@ -409,6 +546,17 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--act-order", action="store_true", help="act-order weights (perm applied to activations)")
+    parser.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
+                        help="symmetric weights: every stored zero 2^(bits-1) - 1, as in sym=True checkpoints, for "
+                        "every kernel of the run (--no-sym: random zeros; humming then needs them as v2 zeros)")
+    parser.add_argument("--peers", default=",".join(peer_lib.NAMES),
+                        help="comma list of optional peers to try (" + ", ".join(peer_lib.NAMES) + "), or 'none'; "
+                        "each is skipped with the reason printed where it cannot run")
+    parser.add_argument("--humming-tuning", default="per-m", choices=("per-m", "all"),
+                        help="per-m: compile only the kernels humming's heuristics pick for the --m values (the same "
+                        "kernels vLLM launches at those M); all: vLLM's call as is, ~92 kernels per layer shape")
+    parser.add_argument("--gemlite-autotune", default="fast", choices=("fast", "default", "max"),
+                        help="gemlite's Triton autotune mode (fast: its default)")
     parser.add_argument("--repeats", type=int, default=20, help="timed graph replays per point (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one model, few M (GPU), tiny shapes (CPU)")
@@ -418,6 +566,10 @@ def main(argv=None) -> int:
     args.m = [int(x) for x in args.m.split(",")]
     args.variants = args.variants.split(",")
     args.paths = [p for p in args.paths.split(",") if p]
+    args.peers = [] if args.peers in ("", "none") else args.peers.split(",")
+    unknown = [p for p in args.peers if p not in peer_lib.NAMES]
+    if unknown:
+        parser.error(f"unknown peer(s) {', '.join(unknown)} (known: {', '.join(peer_lib.NAMES)})")
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
 
@@ -427,7 +579,7 @@ def main(argv=None) -> int:
     report = run_gpu(args) if gpu else run_cpu(args)
     report.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), commit=git_commit(),
                   opt4gptq=opt4gptq.__version__, backend=opt4gptq.backend(), bits=args.bits,
-                  group_size=args.group_size, act_order=args.act_order, variants=args.variants)
+                  group_size=args.group_size, act_order=args.act_order, sym=args.sym, variants=args.variants)
     lines = summarize(report, args.variants)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
