@@ -16,9 +16,9 @@ const KERNEL_SOURCES: &[&str] = &[
     "csrc/gptq/instances/exllama_b4.cu",
     "csrc/gptq/instances/exllama_b8.cu",
 ];
-/// NVIDIA-only kernels (mma.sync): compiled into CUDA builds, not ROCm ones,
-/// where api.cu never references them (O4G_HAVE_MMA is 0).
-const CUDA_ONLY_SOURCES: &[&str] = &["csrc/gptq/instances/mma_b4.cu"];
+/// NVIDIA-only kernels (mma.sync, wgmma): compiled into CUDA builds, not ROCm
+/// ones, where api.cu never references them (O4G_HAVE_MMA / O4G_HAVE_WGMMA are 0).
+const CUDA_ONLY_SOURCES: &[&str] = &["csrc/gptq/instances/mma_b4.cu", "csrc/gptq/instances/wgmma_b4.cu"];
 const HEADERS: &[&str] = &[
     "csrc/opt4gptq.h",
     "csrc/compat/vendor.h",
@@ -27,9 +27,12 @@ const HEADERS: &[&str] = &[
     "csrc/compat/asm/packed_half_ptx.cuh",
     "csrc/compat/asm/packed_half_gfx9.cuh",
     "csrc/compat/asm/mma_ptx.cuh",
+    "csrc/compat/asm/hopper_ptx.cuh",
+    "csrc/compat/asm/wgmma_ptx.cuh",
     "csrc/gptq/gemm_exllama.cuh",
     "csrc/gptq/gemm_mma.cuh",
     "csrc/gptq/gemm_mma_tiled.cuh",
+    "csrc/gptq/gemm_wgmma.cuh",
     "csrc/gptq/common.cuh",
     "csrc/gptq/dequantize.cuh",
     "csrc/gptq/gemm_skinny.cuh",
@@ -58,7 +61,10 @@ fn main() {
 
     let backend = env::var("OPT4GPTQ_GPU").unwrap_or_default().to_lowercase();
     match backend.as_str() {
-        "" | "cpu" | "none" => println!("cargo:rustc-env=O4G_BACKEND=cpu"),
+        "" | "cpu" | "none" => {
+            println!("cargo:rustc-env=O4G_BACKEND=cpu");
+            println!("cargo:rustc-env=O4G_WGMMA=0");
+        }
         "cuda" => build_cuda(),
         "rocm" | "hip" => build_rocm(),
         other => fail(&format!("OPT4GPTQ_GPU={other:?} is not one of: cpu, cuda, rocm")),
@@ -116,7 +122,12 @@ fn build_cuda() {
     unsafe { env::set_var("NVCC", &nvcc) };
     let mut build = cc::Build::new();
     build.cuda(true).cudart("static").flag("-O3").flag("-std=c++17");
-    for arch in arch_list("OPT4GPTQ_CUDA_ARCHS", "80;90a") {
+    let archs = arch_list("OPT4GPTQ_CUDA_ARCHS", "80;90a");
+    // The Hopper kernels (wgmma) have device code only for sm_90a: the dispatch
+    // may name them only where the build carries it.
+    let wgmma = archs.iter().any(|arch| arch.trim_start_matches("sm_").trim_start_matches("compute_") == "90a");
+    println!("cargo:rustc-env=O4G_WGMMA={}", if wgmma { "1" } else { "0" });
+    for arch in archs {
         let digits = arch.trim_start_matches("sm_").trim_start_matches("compute_");
         // Plain archs also embed PTX so a newer GPU can JIT them; "a" archs
         // (sm_90a) are not forward compatible, so they get machine code only.
@@ -170,6 +181,7 @@ fn build_rocm() {
         build.file(file);
     }
     build.compile("opt4gptq_kernels");
+    println!("cargo:rustc-env=O4G_WGMMA=0");
 
     if let Ok(rocm) = env::var("ROCM_PATH") {
         println!("cargo:rustc-link-search=native={rocm}/lib");

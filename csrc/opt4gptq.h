@@ -25,7 +25,15 @@ enum o4g_path {
     O4G_PATH_SKINNY = 0, /* few rows: every block reads a column strip of the weights once */
     O4G_PATH_TILED = 1,  /* many rows: 64x64 output tiles, weights dequantized into shared memory */
     O4G_PATH_EXLLAMA = 2, /* vLLM 0.3.3's kernel family and the Opt4GPTQ switches (gemm_exllama.cuh) */
-    O4G_PATH_MMA = 3      /* 4-bit, exllama layout, tensor cores (gemm_mma.cuh); CUDA builds only */
+    O4G_PATH_MMA = 3,     /* 4-bit, exllama layout, tensor cores (gemm_mma.cuh); CUDA builds only */
+    O4G_PATH_WGMMA = 4    /* 4-bit, exllama layout, Hopper warpgroup MMA (gemm_wgmma.cuh); sm_90a only */
+};
+
+/* How the rows of each 32-row pack of qweight are placed in its words. */
+enum o4g_pack_order {
+    O4G_ORDER_GPTQ = 0,        /* row r of a pack in stream bits [r * bits, r * bits + bits) */
+    O4G_ORDER_TENSOR_CORE = 1  /* 4-bit, after gptq_shuffle: stream position 8t + j holds row
+                                  16 (j % 2) + 8 ((j / 2) % 2) + 2t + j / 4 (README, "Weight layout") */
 };
 
 /* Opt4GPTQ switches for O4G_PATH_EXLLAMA, as a bitmask. */
@@ -52,7 +60,18 @@ typedef struct o4g_gemm_args {
     int32_t path;            /* enum o4g_path */
     int32_t variant;         /* o4g_variant_flag bits; O4G_PATH_EXLLAMA only. 0 = vLLM 0.3.3 baseline */
     int32_t device;          /* device ordinal the pointers live on */
+    int32_t pack_order;      /* enum o4g_pack_order of qweight */
+    int32_t tile;            /* O4G_PATH_WGMMA: index of the block shape (src/dispatch.rs, WGMMA_TILES) */
+    int32_t splits;          /* O4G_PATH_WGMMA: blocks of a cluster that split K (1..8) */
 } o4g_gemm_args;
+
+/* What the dispatch needs to know of a device, read once. */
+typedef struct o4g_device_caps {
+    int32_t major, minor;    /* compute capability (ROCm: gcnArch major/minor) */
+    int32_t sms;             /* multiprocessors */
+} o4g_device_caps;
+
+int o4g_get_device_caps(int32_t device, o4g_device_caps *caps);
 
 /* out = a[:, perm] @ dequant(qweight) on `stream` (cudaStream_t / hipStream_t). */
 int o4g_gemm(const o4g_gemm_args *args, void *stream);
@@ -62,9 +81,10 @@ int o4g_gemm(const o4g_gemm_args *args, void *stream);
  * writes `weights` (contiguous [k, n] fp16) instead of `out`. */
 int o4g_dequantize(const o4g_gemm_args *args, void *weights, void *stream);
 
-/* dst row r (unpacked) = src row perm[r]; src and dst are distinct [k * bits / 32, n] buffers. */
+/* gptq_shuffle's device half: dst row r (unpacked) = src row perm[r] (perm NULL: row r), packed in
+ * `pack_order`; src and dst are distinct [k * bits / 32, n] buffers. */
 int o4g_permute_rows(const int32_t *src, int32_t *dst, const int32_t *perm, int64_t k, int64_t n,
-                     int32_t bits, int32_t device, void *stream);
+                     int32_t bits, int32_t pack_order, int32_t device, void *stream);
 
 /* Blocks the host until `stream` drains: only for producers that cannot hand us a stream. */
 int o4g_stream_synchronize(int32_t device, void *stream);

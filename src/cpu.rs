@@ -2,7 +2,7 @@
 //! It serves CPU arrays on every build and is the engine-side reference that
 //! the Rust tests check the packing rules against.
 
-use crate::quant::{GemmShape, pack_value, unpack_value};
+use crate::quant::{GemmShape, pack_value, tc_position_of_row, unpack_value};
 use half::f16;
 
 /// Borrowed inputs of one CPU gptq_gemm, already validated by quant::check_gemm.
@@ -17,6 +17,8 @@ pub struct CpuGemm<'a> {
     pub g_idx: Option<&'a [i32]>,
     /// Activation column each weight row meets; None: the row itself.
     pub perm: Option<&'a [i32]>,
+    /// 4-bit weights shuffled into the tensor-core pack order (quant::tc_position_of_row).
+    pub tc_order: bool,
 }
 
 /// Dequantized weights, row-major [k, n], in the order the rows are stored.
@@ -36,7 +38,8 @@ fn dequantize(p: &CpuGemm<'_>) -> Vec<f32> {
         let g = p.g_idx.map_or(r / s.group_size(), |g_idx| g_idx[r] as usize);
         let out_row = &mut weights[r * n..(r + 1) * n];
         for (col, w) in out_row.iter_mut().enumerate() {
-            let q = unpack_value(bits, r, |word| p.qweight[word * n + col] as u32) as i32;
+            let position = if p.tc_order { r / 32 * 32 + tc_position_of_row(r % 32) } else { r };
+            let q = unpack_value(bits, position, |word| p.qweight[word * n + col] as u32) as i32;
             *w = p.scales[g * n + col].to_f32() * (q - zeros[g * n + col]) as f32;
         }
     }
@@ -93,15 +96,18 @@ pub fn gemm(p: &CpuGemm<'_>, out: &mut [f16]) {
     }
 }
 
-/// dst row r (unpacked) = src row perm[r], for [k * bits / 32, n] packed weights.
-pub fn permute_rows(src: &[i32], dst: &mut [i32], perm: &[i32], k: usize, n: usize, bits: u32) {
+/// gptq_shuffle on the CPU: dst row r (unpacked) = src row perm[r] (None: row
+/// r), for [k * bits / 32, n] packed weights; 4-bit rows packed in the
+/// tensor-core pack order.
+pub fn permute_rows(src: &[i32], dst: &mut [i32], perm: Option<&[i32]>, k: usize, n: usize, bits: u32) {
     for pack in 0..k / 32 {
         for col in 0..n {
             let mut words = [0u32; 8];
             for r in 0..32 {
-                let source = perm[pack * 32 + r] as usize;
+                let source = perm.map_or(pack * 32 + r, |perm| perm[pack * 32 + r] as usize);
                 let value = unpack_value(bits, source, |w| src[w * n + col] as u32);
-                pack_value(bits, r, value, &mut words);
+                let position = if bits == 4 { tc_position_of_row(r) } else { r };
+                pack_value(bits, position, value, &mut words);
             }
             for (j, word) in words.iter().take(bits as usize).enumerate() {
                 dst[(pack * bits as usize + j) * n + col] = *word as i32;
@@ -161,7 +167,16 @@ mod tests {
             let perm: Vec<i32> = (0..k as i32).rev().collect();
             let qweight = pack_rows(&q, k, n, bits);
             let shape = GemmShape { m, k, n, groups, bits, lda: k, zero_offset: 1 };
-            let p = CpuGemm { shape, a: &a, qweight: &qweight, qzeros: &qzeros, scales: &scales, g_idx: None, perm: Some(&perm) };
+            let p = CpuGemm {
+                shape,
+                a: &a,
+                qweight: &qweight,
+                qzeros: &qzeros,
+                scales: &scales,
+                g_idx: None,
+                perm: Some(&perm),
+                tc_order: false,
+            };
             let mut out = vec![f16::NAN; m * n];
             gemm(&p, &mut out);
             for mi in 0..m {
@@ -188,11 +203,13 @@ mod tests {
             let src = pack_rows(&q, k, n, bits);
             let perm: Vec<i32> = (0..k as i32).map(|r| (r * 5 + 3) % k as i32).collect();
             let mut dst = vec![0i32; src.len()];
-            permute_rows(&src, &mut dst, &perm, k, n, bits);
+            permute_rows(&src, &mut dst, Some(&perm), k, n, bits);
+            // Row r holds old row perm[r]; 4-bit rows sit where the tensor-core order puts them.
             let mut expected_q = vec![0u32; k * n];
             for r in 0..k {
+                let stored = if bits == 4 { r / 32 * 32 + tc_position_of_row(r % 32) } else { r };
                 for col in 0..n {
-                    expected_q[r * n + col] = q[perm[r] as usize * n + col];
+                    expected_q[stored * n + col] = q[perm[r] as usize * n + col];
                 }
             }
             assert_eq!(dst, pack_rows(&expected_q, k, n, bits), "bits={bits}");

@@ -5,9 +5,11 @@
 //! - exllama: vLLM 0.3.3's kernel family for use_exllama=True, with the
 //!   Opt4GPTQ switches of the chosen variant (csrc/gptq/gemm_exllama.cuh).
 //! - tiled: many rows; weights dequantized per 64x64 tile, fp32 FMAs.
-//! - mma: 4-bit exllama-layout weights on the tensor cores (CUDA builds):
-//!   the fastest path where it applies, unless a variant is named (a named
-//!   variant asks for the paper's exllama family).
+//! - mma: 4-bit exllama-layout weights on the tensor cores (CUDA builds,
+//!   mma.sync, sm_80+), unless a variant is named (a named variant asks for
+//!   the paper's exllama family).
+//! - wgmma: the same weights on Hopper's warpgroup tensor cores (sm_90a), for
+//!   every number of rows: where it applies it replaces mma and dense.
 //!
 //! Row limits follow vLLM 0.3.3 (exllama up to 50 rows, 24 for 8-bit; the alt
 //! kernel for few rows). They are provisional until benchmarks/bench_gemm.py
@@ -24,10 +26,12 @@ pub enum KernelPath {
     Tiled = 1,
     Exllama = 2,
     Mma = 3,
+    Wgmma = 4,
 }
 
 impl KernelPath {
-    pub const ALL: [KernelPath; 4] = [KernelPath::Skinny, KernelPath::Tiled, KernelPath::Exllama, KernelPath::Mma];
+    pub const ALL: [KernelPath; 5] =
+        [KernelPath::Skinny, KernelPath::Tiled, KernelPath::Exllama, KernelPath::Mma, KernelPath::Wgmma];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -35,15 +39,116 @@ impl KernelPath {
             KernelPath::Tiled => "tiled",
             KernelPath::Exllama => "exllama",
             KernelPath::Mma => "mma",
+            KernelPath::Wgmma => "wgmma",
         }
     }
 
     pub fn parse(name: &str) -> Result<KernelPath> {
-        KernelPath::ALL
-            .into_iter()
-            .find(|path| path.name() == name)
-            .ok_or_else(|| Error::value(format!("path must be 'skinny', 'tiled', 'exllama' or 'mma'; got {name:?}")))
+        KernelPath::ALL.into_iter().find(|path| path.name() == name).ok_or_else(|| {
+            Error::value(format!("path must be 'skinny', 'tiled', 'exllama', 'mma' or 'wgmma'; got {name:?}"))
+        })
     }
+}
+
+/// What the dispatch needs to know of a GPU, read once per device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceCaps {
+    /// The build carries sm_90a code and the device is compute capability 9.0.
+    pub wgmma: bool,
+    pub sms: usize,
+}
+
+/// The Hopper kernel's block shapes, in the order of csrc/gptq/instances/wgmma_b4.cu,
+/// with how the plan splits K for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WgmmaTile {
+    /// Rows of `a` per block (wgmma's N).
+    pub tokens: usize,
+    /// k per pipeline stage.
+    pub stage_k: usize,
+    /// Blocks per SM the K split aims for.
+    pub target_per_sm: usize,
+    /// Most cluster blocks that split K.
+    pub max_splits: usize,
+}
+
+/// Split targets measured on the H200 (benchmarks/NOTES.md, "wgmma split
+/// sweep"; Llama-2-7B layers 4096x4096, 4096x22016, 11008x4096): up to 64
+/// rows, K split until the blocks fill 2 (16 rows) or 1 (64 rows) per SM
+/// gave the fastest of splits 1/2/4/8 on every layer; from 128 rows a split
+/// in two was fastest or within 6% everywhere, and more splits cost more.
+pub const WGMMA_TILES: [WgmmaTile; 6] = [
+    WgmmaTile { tokens: 8, stage_k: 128, target_per_sm: 2, max_splits: 8 },
+    WgmmaTile { tokens: 16, stage_k: 128, target_per_sm: 2, max_splits: 8 },
+    WgmmaTile { tokens: 32, stage_k: 128, target_per_sm: 1, max_splits: 8 },
+    WgmmaTile { tokens: 64, stage_k: 128, target_per_sm: 1, max_splits: 8 },
+    WgmmaTile { tokens: 128, stage_k: 64, target_per_sm: 2, max_splits: 2 },
+    WgmmaTile { tokens: 256, stage_k: 64, target_per_sm: 2, max_splits: 2 },
+];
+
+/// Below this many rows the mma.sync decode kernel (gemm_mma.cuh) is faster
+/// than the wgmma family on the H200 (Llama-2-7B layers summed: M=1 58 us
+/// against 120 with the first wgmma kernel), so Hopper keeps it there.
+pub const WGMMA_MIN_ROWS: usize = 9;
+
+/// Columns per wgmma block: two consumer warpgroups of 64.
+pub const WGMMA_COLUMNS: usize = 128;
+
+/// The most blocks of a cluster that may split K (the portable cluster size).
+pub const WGMMA_MAX_SPLITS: usize = 8;
+
+/// Which block shape and K split serve an (m, n, k) problem on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WgmmaPlan {
+    pub tile: usize,
+    pub splits: usize,
+}
+
+/// OPT4GPTQ_WGMMA_TUNING="tile=I,splits=S" (either part may be left out)
+/// overrides the plan, for benchmarks and tests that compare block shapes.
+/// Read on every call (a getenv is well under a launch's cost). A value the
+/// kernels cannot run (a tile index out of range, splits outside 1..8 or more
+/// than K's stages) is an error naming the variable.
+pub fn tuned_wgmma_plan(plan: WgmmaPlan, k: usize) -> Result<WgmmaPlan> {
+    let Ok(text) = std::env::var("OPT4GPTQ_WGMMA_TUNING") else { return Ok(plan) };
+    let mut tuned = plan;
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || Error::value(format!("OPT4GPTQ_WGMMA_TUNING: cannot read {part:?} (expected tile=I or splits=S)"));
+        let (key, value) = part.split_once('=').ok_or_else(bad)?;
+        let value: usize = value.trim().parse().map_err(|_| bad())?;
+        match key.trim() {
+            "tile" => tuned.tile = value,
+            "splits" => tuned.splits = value,
+            _ => return Err(bad()),
+        }
+    }
+    let tiles = WGMMA_TILES.len();
+    if tuned.tile >= tiles {
+        return Err(Error::value(format!("OPT4GPTQ_WGMMA_TUNING: tile must be below {tiles}; got {}", tuned.tile)));
+    }
+    let stages = k / WGMMA_TILES[tuned.tile].stage_k;
+    if !(1..=WGMMA_MAX_SPLITS.min(stages.max(1))).contains(&tuned.splits) {
+        return Err(Error::value(format!(
+            "OPT4GPTQ_WGMMA_TUNING: splits must be 1..={} for this K; got {}",
+            WGMMA_MAX_SPLITS.min(stages.max(1)),
+            tuned.splits
+        )));
+    }
+    Ok(tuned)
+}
+
+/// The smallest block that holds all rows (256 rows per block beyond), then
+/// K split over cluster blocks until the blocks reach the tile's target per
+/// SM: a layer with few column tiles (4096 columns: 32) would otherwise stream
+/// its weights through a quarter of the GPU. Each block keeps at least two stages.
+pub fn wgmma_plan(m: usize, n: usize, k: usize, sms: usize) -> WgmmaPlan {
+    let tile = WGMMA_TILES.iter().position(|t| t.tokens >= m).unwrap_or(WGMMA_TILES.len() - 1);
+    let shape = WGMMA_TILES[tile];
+    let blocks = n.div_ceil(WGMMA_COLUMNS) * m.max(1).div_ceil(shape.tokens);
+    let stages = k / shape.stage_k;
+    let wanted = ((sms * shape.target_per_sm) as f64 / blocks as f64).round() as usize;
+    let splits = wanted.clamp(1, shape.max_splits.min(WGMMA_MAX_SPLITS)).min((stages / 2).max(1));
+    WgmmaPlan { tile, splits }
 }
 
 /// The paper's ablation: vLLM 0.3.3's kernel and the three optimizations.
@@ -153,7 +258,8 @@ pub fn dense_min_rows(bits: u32, use_exllama: bool, variant_named: bool) -> usiz
 }
 
 /// What the exllama family needs beyond the shape: no per-row g_idx, whole
-/// 32-row packs per group, and 16-byte aligned weights / 4-byte aligned output.
+/// 32-row packs per group, and 16-byte aligned weights / 4-byte aligned output;
+/// and what the wgmma family needs besides.
 #[derive(Debug, Clone, Copy)]
 pub struct Facts {
     pub use_exllama: bool,
@@ -161,6 +267,14 @@ pub struct Facts {
     pub weights_aligned: bool,
     /// The caller named a variant (variant= or OPT4GPTQ_VARIANT): the exllama family serves it.
     pub variant_named: bool,
+    /// An act-order permutation the kernel must read the activations through
+    /// (torch callers' activations arrive gathered: none).
+    pub has_perm: bool,
+    /// Contiguous-row activations at 16-byte aligned rows, 16-byte aligned
+    /// scales and zeros, 8-byte aligned output: what the copy engine needs.
+    pub bulk_aligned: bool,
+    /// The device runs the Hopper kernels (None: a CPU array).
+    pub caps: Option<DeviceCaps>,
 }
 
 fn exllama_applies(shape: &GemmShape, facts: &Facts) -> bool {
@@ -171,8 +285,27 @@ fn mma_applies(shape: &GemmShape, facts: &Facts) -> bool {
     mma_built() && exllama_applies(shape, facts) && shape.bits == 4 && shape.n % 32 == 0
 }
 
+fn wgmma_applies(shape: &GemmShape, facts: &Facts) -> bool {
+    facts.caps.is_some_and(|caps| caps.wgmma)
+        && exllama_applies(shape, facts)
+        && shape.bits == 4
+        && !facts.has_perm
+        && facts.bulk_aligned
+        && shape.n % WGMMA_COLUMNS == 0
+        && shape.k % 128 == 0
+}
+
+/// Whether a call with these operands would take the wgmma path unless a
+/// variant is named: Python asks this (through dense_min_rows) to skip the
+/// dense path, and gathers act-order activations first so that it applies.
+pub fn wgmma_serves(bits: u32, use_exllama: bool, n: usize, k: usize, caps: Option<DeviceCaps>) -> bool {
+    caps.is_some_and(|caps| caps.wgmma) && use_exllama && bits == 4 && n % WGMMA_COLUMNS == 0 && k % 128 == 0
+}
+
 pub fn choose_path(shape: &GemmShape, facts: &Facts) -> KernelPath {
-    if mma_applies(shape, facts) && !facts.variant_named && shape.m <= MMA_MAX_ROWS {
+    if wgmma_applies(shape, facts) && !facts.variant_named && (shape.m >= WGMMA_MIN_ROWS || !mma_applies(shape, facts)) {
+        KernelPath::Wgmma
+    } else if mma_applies(shape, facts) && !facts.variant_named && shape.m <= MMA_MAX_ROWS {
         KernelPath::Mma
     } else if exllama_applies(shape, facts) && shape.m <= exllama_max_rows(shape.bits) {
         KernelPath::Exllama
@@ -220,6 +353,14 @@ pub fn check_forced_path(path: KernelPath, shape: &GemmShape, facts: &Facts) -> 
             "path='exllama' needs use_exllama=True, group size a multiple of 32 and 16-byte aligned b_q_weight",
         ));
     }
+    if path == KernelPath::Wgmma && !wgmma_applies(shape, facts) {
+        return Err(Error::value(
+            "path='wgmma' needs a Hopper GPU (compute capability 9.0) with a build carrying sm_90a, bit=4, \
+             use_exllama=True, group size a multiple of 32, N and K multiples of 128, activations without a \
+             permutation in 16-byte aligned rows (torch callers' act-order activations are gathered first), \
+             16-byte aligned weights, scales and zeros",
+        ));
+    }
     if path == KernelPath::Mma && !mma_applies(shape, facts) {
         return Err(Error::value(if mma_built() {
             "path='mma' needs bit=4, use_exllama=True, group size a multiple of 32, N a multiple of 32 and \
@@ -239,8 +380,17 @@ mod tests {
         GemmShape { m, k: 4096, n: 4096, groups, bits, lda: 4096, zero_offset: 1 }
     }
 
-    const EXLLAMA: Facts = Facts { use_exllama: true, has_g_idx: false, weights_aligned: true, variant_named: true };
-    const ALT: Facts = Facts { use_exllama: false, has_g_idx: true, weights_aligned: true, variant_named: false };
+    const EXLLAMA: Facts = Facts {
+        use_exllama: true,
+        has_g_idx: false,
+        weights_aligned: true,
+        variant_named: true,
+        has_perm: false,
+        bulk_aligned: true,
+        caps: None,
+    };
+    const ALT: Facts = Facts { use_exllama: false, has_g_idx: true, ..EXLLAMA };
+    const HOPPER: DeviceCaps = DeviceCaps { wgmma: true, sms: 132 };
 
     #[test]
     fn table_follows_vllm_row_limits() {
@@ -293,5 +443,45 @@ mod tests {
         assert_eq!(choose_path(&shape(1, 8, 32), &unnamed), KernelPath::Exllama);
         assert_eq!(check_forced_path(KernelPath::Mma, &shape(1, 4, 32), &unnamed).is_ok(), mma_built());
         assert_eq!(dense_min_rows(4, true, false), if mma_built() { MMA_MAX_ROWS + 1 } else { DENSE_MIN_ROWS_EXLLAMA });
+    }
+
+    #[test]
+    fn hopper_takes_every_row_count_where_its_kernel_applies() {
+        let hopper = Facts { variant_named: false, caps: Some(HOPPER), ..EXLLAMA };
+        for m in [WGMMA_MIN_ROWS, 16, 64, 192, 193, 1024, 4096] {
+            assert_eq!(choose_path(&shape(m, 4, 32), &hopper), KernelPath::Wgmma, "m={m}");
+        }
+        // Below that the mma.sync decode kernel (CUDA builds) is faster.
+        let decode = choose_path(&shape(1, 4, 32), &hopper);
+        assert_eq!(decode, if mma_built() { KernelPath::Mma } else { KernelPath::Wgmma });
+        // A named variant, a permutation the kernel would have to gather, or another GPU: not wgmma.
+        assert_ne!(choose_path(&shape(4, 4, 32), &Facts { variant_named: true, ..hopper }), KernelPath::Wgmma);
+        assert_ne!(choose_path(&shape(4, 4, 32), &Facts { has_perm: true, ..hopper }), KernelPath::Wgmma);
+        let ampere = Facts { caps: Some(DeviceCaps { wgmma: false, sms: 108 }), ..hopper };
+        assert_ne!(choose_path(&shape(4, 4, 32), &ampere), KernelPath::Wgmma);
+        assert!(check_forced_path(KernelPath::Wgmma, &shape(4, 4, 32), &ampere).is_err());
+        // 8-bit weights have no wgmma kernel yet.
+        assert_ne!(choose_path(&shape(1, 8, 32), &hopper), KernelPath::Wgmma);
+    }
+
+    #[test]
+    fn wgmma_plan_fills_the_gpu_with_whole_blocks() {
+        // Llama-2-7B at M=1: 4096 columns are 32 column tiles, split K 8 ways (256 blocks, 2 per SM).
+        assert_eq!(wgmma_plan(1, 4096, 4096, 132), WgmmaPlan { tile: 0, splits: 8 });
+        // Wide layers need less.
+        assert_eq!(wgmma_plan(1, 22016, 4096, 132), WgmmaPlan { tile: 0, splits: 2 });
+        assert_eq!(wgmma_plan(64, 4096, 4096, 132), WgmmaPlan { tile: 3, splits: 4 });
+        assert_eq!(wgmma_plan(64, 22016, 4096, 132), WgmmaPlan { tile: 3, splits: 1 });
+        assert_eq!(wgmma_plan(128, 4096, 4096, 132), WgmmaPlan { tile: 4, splits: 2 });
+        // Row tiles: the smallest block that holds M, 256 rows per block beyond.
+        assert_eq!(wgmma_plan(9, 4096, 4096, 132).tile, 1);
+        assert_eq!(wgmma_plan(100, 4096, 4096, 132).tile, 4);
+        assert_eq!(wgmma_plan(1024, 4096, 4096, 132), WgmmaPlan { tile: 5, splits: 2 });
+        assert_eq!(wgmma_plan(1024, 22016, 4096, 132), WgmmaPlan { tile: 5, splits: 1 });
+        // Every block keeps at least two stages of K.
+        assert_eq!(wgmma_plan(1, 128, 256, 132).splits, 1);
+        for (index, tile) in WGMMA_TILES.iter().enumerate() {
+            assert_eq!(wgmma_plan(tile.tokens, 4096, 4096, 132).tile, index);
+        }
     }
 }

@@ -25,6 +25,17 @@ struct GemmArgs {
     path: i32,                // o4g_path
     variant: i32,             // o4g_variant_flag bits (exllama path)
     device: i32,              // device ordinal of every pointer above
+    pack_order: i32,          // o4g_pack_order of qweight
+    tile: i32,                // wgmma path: block shape index (dispatch::WGMMA_TILES)
+    splits: i32,              // wgmma path: cluster blocks that split K
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct DeviceCapsC {
+    major: i32,
+    minor: i32,
+    sms: i32,
 }
 
 unsafe extern "C" {
@@ -33,13 +44,15 @@ unsafe extern "C" {
     fn o4g_permute_rows(
         src: *const i32,      // int32 [k * bits / 32, n], device memory
         dst: *mut i32,        // same shape, distinct buffer
-        perm: *const i32,     // int32 [k]
+        perm: *const i32,     // int32 [k], or null: rows stay in place
         k: i64,
         n: i64,
         bits: i32,
+        pack_order: i32,      // o4g_pack_order to write
         device: i32,
         stream: *mut c_void,  // cudaStream_t / hipStream_t
     ) -> i32;
+    fn o4g_get_device_caps(device: i32, caps: *mut DeviceCapsC) -> i32;
     fn o4g_stream_synchronize(device: i32, stream: *mut c_void) -> i32;
     fn o4g_device_count(count: *mut i32) -> i32;
     fn o4g_device_name(device: i32, buf: *mut c_char, len: i32) -> i32;
@@ -76,7 +89,16 @@ pub struct DevicePointers {
     pub workspace: *mut c_void,
 }
 
-fn gemm_args(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, device: i32) -> GemmArgs {
+/// How one GPU gemm runs: the kernel family and what it needs to know beyond the shape.
+pub struct Launch {
+    pub path: i32,
+    pub variant: i32,
+    pub pack_order: i32,
+    pub tile: i32,
+    pub splits: i32,
+}
+
+fn gemm_args(shape: &GemmShape, ptrs: &DevicePointers, launch: &Launch, device: i32) -> GemmArgs {
     GemmArgs {
         a: ptrs.a,
         qweight: ptrs.qweight,
@@ -93,26 +115,51 @@ fn gemm_args(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, 
         lda: shape.lda as i64,
         bits: shape.bits as i32,
         zero_offset: shape.zero_offset,
-        path,
-        variant,
+        path: launch.path,
+        variant: launch.variant,
         device,
+        pack_order: launch.pack_order,
+        tile: launch.tile,
+        splits: launch.splits,
     }
 }
 
-pub fn gemm(shape: &GemmShape, ptrs: &DevicePointers, path: i32, variant: i32, device: i32, stream: usize) -> Result<()> {
-    let args = gemm_args(shape, ptrs, path, variant, device);
+pub fn gemm(shape: &GemmShape, ptrs: &DevicePointers, launch: &Launch, device: i32, stream: usize) -> Result<()> {
+    let args = gemm_args(shape, ptrs, launch, device);
     status(unsafe { o4g_gemm(&args, stream as *mut c_void) }, "gptq_gemm")
 }
 
-pub fn dequantize(shape: &GemmShape, ptrs: &DevicePointers, weights: *mut c_void, device: i32, stream: usize) -> Result<()> {
-    let args = gemm_args(shape, ptrs, 0, 0, device);
+pub fn dequantize(shape: &GemmShape, ptrs: &DevicePointers, pack_order: i32, weights: *mut c_void, device: i32, stream: usize) -> Result<()> {
+    let launch = Launch { path: 0, variant: 0, pack_order, tile: 0, splits: 1 };
+    let args = gemm_args(shape, ptrs, &launch, device);
     status(unsafe { o4g_dequantize(&args, weights, stream as *mut c_void) }, "gptq_gemm (dequantize)")
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn permute_rows(src: *const i32, dst: *mut i32, perm: *const i32, k: usize, n: usize, bits: u32, device: i32, stream: usize) -> Result<()> {
-    let code = unsafe { o4g_permute_rows(src, dst, perm, k as i64, n as i64, bits as i32, device, stream as *mut c_void) };
+pub fn permute_rows(src: *const i32, dst: *mut i32, perm: *const i32, k: usize, n: usize, bits: u32, pack_order: i32, device: i32, stream: usize) -> Result<()> {
+    let code = unsafe {
+        o4g_permute_rows(src, dst, perm, k as i64, n as i64, bits as i32, pack_order, device, stream as *mut c_void)
+    };
     status(code, "gptq_shuffle")
+}
+
+/// Compute capability and multiprocessor count of `device`, read once per device.
+pub fn device_caps(device: i32) -> Result<crate::dispatch::DeviceCaps> {
+    use std::sync::Mutex;
+    static CACHE: Mutex<Vec<(i32, crate::dispatch::DeviceCaps)>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, caps)) = cache.iter().find(|(ordinal, _)| *ordinal == device) {
+        return Ok(*caps);
+    }
+    let mut raw = DeviceCapsC::default();
+    status(unsafe { o4g_get_device_caps(device, &mut raw) }, "device query")?;
+    let caps = crate::dispatch::DeviceCaps {
+        // sm_90a device code runs on compute capability 9.0 only.
+        wgmma: env!("O4G_WGMMA") == "1" && raw.major == 9 && raw.minor == 0,
+        sms: raw.sms.max(1) as usize,
+    };
+    cache.push((device, caps));
+    Ok(caps)
 }
 
 pub fn stream_synchronize(device: i32, stream: usize) -> Result<()> {

@@ -112,17 +112,24 @@ fn split_k_workspace(
     dispatch::may_split_k(m, n, bit, use_exllama, path, variant).then(|| (dispatch::split_k_blocks(k), m, n))
 }
 
-/// Rows above which a torch GPU caller is served by dequantize + torch.matmul.
+/// Rows above which a torch GPU caller is served by dequantize + torch.matmul;
+/// never where the Hopper kernels serve the call (CUDA device `device`, N x K).
 #[pyfunction]
-#[pyo3(signature = (bit, use_exllama, variant_named=false))]
-fn dense_min_rows(bit: u32, use_exllama: bool, variant_named: bool) -> usize {
-    dispatch::dense_min_rows(bit, use_exllama, variant_named)
+#[pyo3(signature = (bit, use_exllama, variant_named=false, device=None, n=0, k=0))]
+fn dense_min_rows(bit: u32, use_exllama: bool, variant_named: bool, device: Option<i32>, n: usize, k: usize) -> PyResult<usize> {
+    if !variant_named && let Some(ordinal) = device {
+        let caps = ops::gpu_caps(meta::Device::Cuda(ordinal))?;
+        if dispatch::wgmma_serves(bit, use_exllama, n, k, caps) {
+            return Ok(usize::MAX);
+        }
+    }
+    Ok(dispatch::dense_min_rows(bit, use_exllama, variant_named))
 }
 
 /// Low-level row permutation of packed weights (the work of gptq_shuffle).
 #[pyfunction]
-fn permute_rows(py: Python<'_>, src: Bound<'_, PyAny>, dst: Bound<'_, PyAny>, perm: Bound<'_, PyAny>, bit: i64, stream: usize) -> PyResult<()> {
-    Ok(ops::permute_rows(py, &src, &dst, &perm, bit, stream)?)
+fn permute_rows(py: Python<'_>, src: Bound<'_, PyAny>, dst: Bound<'_, PyAny>, perm: Option<Bound<'_, PyAny>>, bit: i64, stream: usize) -> PyResult<()> {
+    Ok(ops::permute_rows(py, &src, &dst, perm.as_ref(), bit, stream)?)
 }
 
 /// The Opt4GPTQ variants, in ablation order.

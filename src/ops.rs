@@ -1,7 +1,10 @@
 //! gptq_gemm and the row permutation behind gptq_shuffle: import, validate, dispatch.
 
 use crate::cpu;
-use crate::dispatch::{Facts, KernelPath, Variant, check_forced_path, choose_path, default_variant};
+use crate::dispatch::{
+    DeviceCaps, Facts, KernelPath, Variant, WgmmaPlan, check_forced_path, choose_path, default_variant,
+    tuned_wgmma_plan, wgmma_plan,
+};
 use crate::error::{Error, Result};
 use crate::meta::Device;
 use crate::quant::{
@@ -40,6 +43,36 @@ fn unsupported_device(name: &str, device: Device) -> Error {
         _ => "use CPU, CUDA or ROCm arrays",
     };
     Error::value(format!("{name} is on {device}, which this opt4gptq build ({backend}) cannot serve; {hint}"))
+}
+
+/// o4g_pack_order of a call's qweight: 4-bit weights that went through
+/// gptq_shuffle (use_exllama=True) are in the tensor-core pack order.
+pub fn pack_order(bits: u32, shuffled: bool) -> i32 {
+    i32::from(bits == 4 && shuffled)
+}
+
+/// How a GPU launch is parameterized beyond the tensors (mirrors gpu::Launch on GPU builds).
+pub struct Launch {
+    pub path: i32,
+    pub variant: i32,
+    pub pack_order: i32,
+    pub tile: i32,
+    pub splits: i32,
+}
+
+/// The device's facts for the dispatch; None for CPU arrays.
+#[cfg(o4g_gpu)]
+pub fn gpu_caps(device: Device) -> Result<Option<DeviceCaps>> {
+    match device {
+        Device::Cpu => Ok(None),
+        device if crate::gpu::serves(device) => Ok(Some(crate::gpu::device_caps(device.ordinal())?)),
+        _ => Ok(None),
+    }
+}
+
+#[cfg(not(o4g_gpu))]
+pub fn gpu_caps(_device: Device) -> Result<Option<DeviceCaps>> {
+    Ok(None)
 }
 
 /// Runs `work` without the GIL: the CPU backend can take a while on big shapes.
@@ -107,11 +140,15 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
     }
     let variant = call.variant.as_deref().map_or_else(|| Ok(default_variant()), Variant::parse)?;
     let (groups_of_rows, permutation) = operands.index_roles();
+    let aligned = |t: &Imported, bytes: usize| (t.ptr() as usize) % bytes == 0;
     let facts = Facts {
         use_exllama: call.use_exllama,
         has_g_idx: groups_of_rows.is_some(),
-        weights_aligned: (qweight.ptr() as usize) % 16 == 0 && (out.ptr() as usize) % 4 == 0,
+        weights_aligned: aligned(qweight, 16) && aligned(out, 4),
         variant_named: call.variant.is_some(),
+        has_perm: permutation.is_some(),
+        bulk_aligned: aligned(a, 16) && shape.lda % 8 == 0 && aligned(scales, 16) && aligned(qzeros, 16) && aligned(out, 8),
+        caps: gpu_caps(a.meta.device)?,
     };
     let path = match call.path.as_deref() {
         None => choose_path(&shape, &facts),
@@ -143,12 +180,28 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
                     scales: scales.host_slice::<f16>(),
                     g_idx: g_idx_values,
                     perm: perm_values,
+                    tc_order: pack_order(shape.bits, call.use_exllama) == 1,
                 }
             };
             let out_values = unsafe { out.host_slice_mut::<f16>() };
             without_gil(py, || cpu::gemm(&problem, out_values));
         }
-        _ => gpu_gemm(&shape, a, qweight, qzeros, scales, groups_of_rows, permutation, out, workspace.as_ref(), path, variant, call.stream)?,
+        _ => {
+            let plan = if path == KernelPath::Wgmma {
+                let sms = facts.caps.map_or(1, |caps| caps.sms);
+                tuned_wgmma_plan(wgmma_plan(shape.m, shape.n, shape.k, sms), shape.k)?
+            } else {
+                WgmmaPlan { tile: 0, splits: 1 }
+            };
+            let launch = Launch {
+                path: path as i32,
+                variant: variant.flags(),
+                pack_order: pack_order(shape.bits, call.use_exllama),
+                tile: plan.tile as i32,
+                splits: plan.splits as i32,
+            };
+            gpu_gemm(&shape, a, qweight, qzeros, scales, groups_of_rows, permutation, out, workspace.as_ref(), &launch, call.stream)?
+        }
     }
     Ok(match (device, path) {
         (Device::Cpu, _) => "cpu".to_string(),
@@ -169,19 +222,19 @@ fn gpu_gemm(
     perm: Option<&Imported>,
     out: &Imported,
     workspace: Option<&Imported>,
-    path: KernelPath,
-    variant: Variant,
+    launch: &Launch,
     stream: usize,
 ) -> Result<()> {
     let device = a.meta.device;
     if !crate::gpu::serves(device) {
         return Err(unsupported_device("a", device));
     }
-    if path == KernelPath::Exllama && variant.splits_k() && workspace.is_none() {
+    let exllama = launch.path == KernelPath::Exllama as i32;
+    if exllama && launch.variant & 1 == 0 && workspace.is_none() {
+        let name = Variant::ALL.iter().find(|v| v.flags() == launch.variant).map_or("?", |v| v.name());
         return Err(Error::value(format!(
-            "variant {:?} stores its K blocks' shares in a float16 [K blocks, M, N] workspace, and none was given \
-             (workspace=None; opt4gptq.gptq_gemm allocates one)",
-            variant.name()
+            "variant {name:?} stores its K blocks' shares in a float16 [K blocks, M, N] workspace, and none was given \
+             (workspace=None; opt4gptq.gptq_gemm allocates one)"
         )));
     }
     let null = std::ptr::null();
@@ -195,7 +248,14 @@ fn gpu_gemm(
         out: out.ptr(),
         workspace: workspace.map_or(std::ptr::null_mut(), Imported::ptr),
     };
-    crate::gpu::gemm(shape, &ptrs, path as i32, variant.flags(), device.ordinal(), stream)
+    let launch = crate::gpu::Launch {
+        path: launch.path,
+        variant: launch.variant,
+        pack_order: launch.pack_order,
+        tile: launch.tile,
+        splits: launch.splits,
+    };
+    crate::gpu::gemm(shape, &ptrs, &launch, device.ordinal(), stream)
 }
 
 #[cfg(not(o4g_gpu))]
@@ -210,8 +270,7 @@ fn gpu_gemm(
     _perm: Option<&Imported>,
     _out: &Imported,
     _workspace: Option<&Imported>,
-    _path: KernelPath,
-    _variant: Variant,
+    _launch: &Launch,
     _stream: usize,
 ) -> Result<()> {
     Err(unsupported_device("a", a.meta.device))
@@ -223,7 +282,8 @@ pub fn dequantize(call: GemmCall<'_>) -> Result<()> {
     let operands = Operands::import(&call, "weights", true)?;
     let (groups_of_rows, permutation) = operands.index_roles();
     let o = &operands;
-    gpu_dequantize(&o.shape, &o.qweight, &o.qzeros, &o.scales, groups_of_rows, permutation, &o.out, call.stream)
+    let order = pack_order(o.shape.bits, o.use_exllama);
+    gpu_dequantize(&o.shape, &o.qweight, &o.qzeros, &o.scales, groups_of_rows, permutation, order, &o.out, call.stream)
 }
 
 #[cfg(o4g_gpu)]
@@ -235,6 +295,7 @@ fn gpu_dequantize(
     scales: &Imported,
     g_idx: Option<&Imported>,
     perm: Option<&Imported>,
+    pack_order: i32,
     weights: &Imported,
     stream: usize,
 ) -> Result<()> {
@@ -253,7 +314,7 @@ fn gpu_dequantize(
         out: std::ptr::null_mut(),
         workspace: std::ptr::null_mut(),
     };
-    crate::gpu::dequantize(shape, &ptrs, weights.ptr(), device.ordinal(), stream)
+    crate::gpu::dequantize(shape, &ptrs, pack_order, weights.ptr(), device.ordinal(), stream)
 }
 
 #[cfg(not(o4g_gpu))]
@@ -265,27 +326,30 @@ fn gpu_dequantize(
     _scales: &Imported,
     _g_idx: Option<&Imported>,
     _perm: Option<&Imported>,
+    _pack_order: i32,
     _weights: &Imported,
     _stream: usize,
 ) -> Result<()> {
     Err(unsupported_device("b_q_weight", qweight.meta.device))
 }
 
-/// dst row r = src row perm[r] (packed rows). src and dst must not overlap.
+/// gptq_shuffle's engine half: dst row r = src row perm[r] (perm None: row r),
+/// packed in the shuffled layout (4-bit: the tensor-core pack order). src and
+/// dst must not overlap.
 pub fn permute_rows(
     py: Python<'_>,
     src: &Bound<'_, PyAny>,
     dst: &Bound<'_, PyAny>,
-    perm: &Bound<'_, PyAny>,
+    perm: Option<&Bound<'_, PyAny>>,
     bit: i64,
     stream: usize,
 ) -> Result<()> {
     let bits = check_bits(bit)?;
     let src = Imported::from_py("q_weight", src)?;
     let dst = Imported::from_py("q_weight (destination)", dst)?;
-    let perm = Imported::from_py("q_perm", perm)?;
+    let perm = import_optional("q_perm", perm)?;
     dst.expect_writable()?;
-    let (k, n) = check_shuffle(&src.meta, Some(&perm.meta), bits)?;
+    let (k, n) = check_shuffle(&src.meta, perm.as_ref().map(|p| &p.meta), bits)?;
     let (_, _) = check_shuffle(&dst.meta, None, bits)?;
     if dst.meta.shape != src.meta.shape || dst.meta.device != src.meta.device {
         return Err(Error::value("the shuffle destination must match q_weight in shape and device"));
@@ -295,27 +359,31 @@ pub fn permute_rows(
     }
     match src.meta.device {
         Device::Cpu => {
-            let perm_values = unsafe { perm.host_slice::<i32>() };
-            check_permutation("q_perm", perm_values)?;
+            let perm_values = unsafe { perm.as_ref().map(|p| p.host_slice::<i32>()) };
+            if let Some(values) = perm_values {
+                check_permutation("q_perm", values)?;
+            }
             let (src_values, dst_values) = unsafe { (src.host_slice::<i32>(), dst.host_slice_mut::<i32>()) };
             without_gil(py, || cpu::permute_rows(src_values, dst_values, perm_values, k, n, bits));
             Ok(())
         }
-        device => gpu_permute_rows(&src, &dst, &perm, k, n, bits, device, stream),
+        device => gpu_permute_rows(&src, &dst, perm.as_ref(), k, n, bits, device, stream),
     }
 }
 
 #[cfg(o4g_gpu)]
 #[allow(clippy::too_many_arguments)]
-fn gpu_permute_rows(src: &Imported, dst: &Imported, perm: &Imported, k: usize, n: usize, bits: u32, device: Device, stream: usize) -> Result<()> {
+fn gpu_permute_rows(src: &Imported, dst: &Imported, perm: Option<&Imported>, k: usize, n: usize, bits: u32, device: Device, stream: usize) -> Result<()> {
     if !crate::gpu::serves(device) {
         return Err(unsupported_device("q_weight", device));
     }
-    crate::gpu::permute_rows(src.ptr().cast(), dst.ptr().cast(), perm.ptr().cast(), k, n, bits, device.ordinal(), stream)
+    let perm = perm.map_or(std::ptr::null(), |p| p.ptr().cast());
+    let order = pack_order(bits, true);
+    crate::gpu::permute_rows(src.ptr().cast(), dst.ptr().cast(), perm, k, n, bits, order, device.ordinal(), stream)
 }
 
 #[cfg(not(o4g_gpu))]
 #[allow(clippy::too_many_arguments)]
-fn gpu_permute_rows(_src: &Imported, _dst: &Imported, _perm: &Imported, _k: usize, _n: usize, _bits: u32, device: Device, _stream: usize) -> Result<()> {
+fn gpu_permute_rows(_src: &Imported, _dst: &Imported, _perm: Option<&Imported>, _k: usize, _n: usize, _bits: u32, device: Device, _stream: usize) -> Result<()> {
     Err(unsupported_device("q_weight", device))
 }

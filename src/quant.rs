@@ -32,6 +32,14 @@ pub fn unpack_value(bits: u32, index: usize, word: impl Fn(usize) -> u32) -> u32
 
 /// Writes `value` as stream value `index` into words that start zeroed.
 #[inline(always)]
+/// The tensor-core pack order of shuffled 4-bit weights (README, "Weight
+/// layout"; csrc/gptq/common.cuh): stream position 8t + j of a 32-row pack
+/// holds row 16 (j % 2) + 8 ((j / 2) % 2) + 2t + j / 4. Returns the position of `row` (0..32).
+pub const fn tc_position_of_row(row: usize) -> usize {
+    let j = row / 16 + 2 * ((row / 8) % 2) + 4 * (row % 2);
+    8 * ((row % 8) / 2) + j
+}
+
 pub fn pack_value(bits: u32, index: usize, value: u32, words: &mut [u32]) {
     let bit = index * bits as usize;
     let (w, offset) = (bit / 32, (bit % 32) as u32);
@@ -360,5 +368,24 @@ mod tests {
         assert!(check_permutation("p", &[0, 3, 1]).is_err());
         assert!(check_group_indices("g", &[0, 1, 1], 2).is_ok());
         assert!(check_group_indices("g", &[0, -1], 2).unwrap_err().to_string().contains("g[1] = -1"));
+    }
+
+    #[test]
+    fn tensor_core_pack_order_is_a_permutation_with_adjacent_rows_in_each_nibble_pair() {
+        // Position 8t + j holds row 16 (j % 2) + 8 ((j / 2) % 2) + 2t + j / 4: invert it directly.
+        let mut seen = [false; 32];
+        for t in 0..4 {
+            for j in 0..8 {
+                let row = 16 * (j % 2) + 8 * ((j / 2) % 2) + 2 * t + j / 4;
+                assert_eq!(tc_position_of_row(row), 8 * t + j);
+                seen[row] = true;
+            }
+            for j in 0..4 {
+                let low = (0..32).find(|&r| tc_position_of_row(r) == 8 * t + j).unwrap();
+                let high = (0..32).find(|&r| tc_position_of_row(r) == 8 * t + j + 4).unwrap();
+                assert_eq!(high, low + 1, "nibbles ({j}, {}) of word {t}", j + 4);
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
     }
 }

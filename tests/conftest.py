@@ -155,13 +155,13 @@ def exllama_gamma(variant: str, k: int) -> float:
 
 
 def mma_gamma(k: int) -> float:
-    """The tensor-core path sums fp16 products in the MMA's fp32 accumulators,
+    """The tensor-core paths sum fp16 products in the MMA's fp32 accumulators,
     whose internal alignment truncates rather than rounds: up to one fp32 ulp
-    (2u32) per add, twice the IEEE fp32 bound. Its K-slice kernel multiplies the
-    exact integers (q - z) and applies the scale once per group in fp32; its
-    tiled kernel rounds each weight (q - z) * s to fp16 first (u, as every GPTQ
-    kernel's dequantization does), then adds at most 16 fp32 partial tiles
-    (K-warps times cluster blocks; within the fp32 term, k >= 32)."""
+    (2u32) per add, twice the IEEE fp32 bound. The mma K-slice kernel multiplies
+    the exact integers (q - z) and applies the scale once per group in fp32; the
+    mma tiled and the wgmma kernels round each weight (q - z) * s to fp16 first
+    (u, as every GPTQ kernel's dequantization does), then add at most 16 fp32
+    partial tiles (K-warps times cluster blocks; within the fp32 term, k >= 32)."""
     return U + 2 * fp32_gamma(k) + 2.0**-23
 
 
@@ -181,7 +181,7 @@ def assert_matches_reference(out: np.ndarray, problem: Problem, rel_tol: Optiona
     elif kernel.startswith("exllama/"):
         rel_tol = HALF_REL_TOL if rel_tol is None else rel_tol
         gamma = exllama_gamma(kernel.split("/", 1)[1], problem.t.k) if gamma is None else gamma
-    elif kernel == "mma":
+    elif kernel in ("mma", "wgmma"):
         gamma = mma_gamma(problem.t.k) if gamma is None else gamma
     rel_tol = REL_TOL if rel_tol is None else rel_tol
     ref = problem.reference

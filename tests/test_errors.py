@@ -123,7 +123,7 @@ def test_not_an_array(args):
 
 
 def test_forced_path_name(args):
-    with pytest.raises(ValueError, match="path must be .skinny., .tiled., .exllama. or .mma."):
+    with pytest.raises(ValueError, match="path must be .skinny., .tiled., .exllama., .mma. or .wgmma."):
         call(args, path="fast")
 
 

@@ -67,7 +67,8 @@ def test_no_index_forms_agree():
         forms.append(torch.empty((1, 1), device="meta"))
     except ImportError:
         pass
-    results = [opt4gptq.gptq_gemm(problem.a, t.qweight, t.qzeros, t.scales, g, True, 4) for g in forms]
+    qweight = pack.shuffle(t.qweight, None, 4)
+    results = [opt4gptq.gptq_gemm(problem.a, qweight, t.qzeros, t.scales, g, True, 4) for g in forms]
     assert_matches_reference(results[0], problem)
     for other in results[1:]:
         assert np.array_equal(results[0], other)

@@ -127,7 +127,7 @@ def test_shuffle_on_gpu_matches_numpy(bits):
     perm = np.argsort(t.g_idx, kind="stable").astype(np.int32)
     q = torch.from_numpy(t.qweight.copy()).cuda()
     opt4gptq.gptq_shuffle(q, torch.from_numpy(perm).cuda(), bits)
-    assert np.array_equal(q.cpu().numpy(), pack.permute_rows(t.qweight, perm, bits))
+    assert np.array_equal(q.cpu().numpy(), pack.shuffle(t.qweight, perm, bits))
 
 
 def test_cupy_arrays():

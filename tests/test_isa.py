@@ -94,6 +94,11 @@ def sm90_mma(tmp_path_factory) -> dict:
     return sm90_listing(tmp_path_factory, ROOT / "csrc" / "gptq" / "instances" / "mma_b4.cu")
 
 
+@pytest.fixture(scope="module")
+def sm90_wgmma(tmp_path_factory) -> dict:
+    return sm90_listing(tmp_path_factory, ROOT / "csrc" / "gptq" / "instances" / "wgmma_b4.cu")
+
+
 # --- AMD gfx906 -----------------------------------------------------------------------
 
 def test_gfx906_smb_reduces_in_lds_where_the_baseline_stores_a_share_per_k_block(gfx906):
@@ -133,8 +138,10 @@ def test_gfx906_ila_emits_the_same_packed_instructions_the_compiler_already_chos
     assert count(base, "v_pk_fma_f16") > 0 and count(ila, "v_pk_fma_f16") == count(base, "v_pk_fma_f16")
     assert count(ila, "v_pk_add_f16") == count(base, "v_pk_add_f16") > 0
     # What the asm does change: its register operands stop the compiler from
-    # fusing the activation reads into 128-bit LDS loads.
-    assert count(base, "ds_read_b128") > count(ila, "ds_read_b128")
+    # fusing the activation pair reads (4 bytes each, at the rows the 4-bit
+    # tensor-core pack order puts together) into 64-bit LDS loads.
+    assert count(base, "ds_read2_b64") > count(ila, "ds_read2_b64")
+    assert count(ila, "ds_read2_b32") > count(base, "ds_read2_b32")
 
 
 # --- NVIDIA sm_90a --------------------------------------------------------------------
@@ -185,12 +192,12 @@ def test_sm90_mma_path_runs_on_the_tensor_cores_without_atomics(sm90_mma):
         assert count(ops, "ATOM") == 0 and count(ops, "RED") == 0, name
 
 
-
 def test_sm90_tiled_mma_kernel_stages_operands_through_shared_memory(sm90_mma):
     # The batch kernel (gemm_mma_tiled.cuh), in its two shapes (one or two
     # packs per K-warp and stage): weights, activations and group data of each
     # stage arrive by cp.async (LDGSTS, 16 bytes, L1 bypassed), are read back
-    # from shared memory (LDS.128) and multiplied on the tensor cores
+    # from shared memory (weights LDS.128, activation pairs, the B fragments as
+    # stored, 32-bit LDS: 4 per token tile) and multiplied on the tensor cores
     # (HMMA.16816.F32: 2 per m16 tile per token tile, 32 per pack and warp);
     # K-warps and cluster blocks meet in shared memory, so no atomics.
     kernels = {name: ops for name, ops in sm90_mma.items() if "gemm_mma_tiled_kernel" in name}
@@ -199,5 +206,30 @@ def test_sm90_tiled_mma_kernel_stages_operands_through_shared_memory(sm90_mma):
         packs = 2 if "Li3ELi2ELi2E" in name else 1
         assert count(ops, "HMMA.16816.F32") >= 32 * packs, name
         assert count(ops, "LDGSTS.E.BYPASS.128") >= 3 * packs, name
-        assert count(ops, "LDS.128") >= 9 * packs, name
+        assert count(ops, "LDS.128") >= packs, name
+        assert count(ops, "LDS") - count(ops, "LDS.") >= 32 * packs, name
         assert count(ops, "ATOM") == 0 and count(ops, "RED") == 0, name
+
+
+WGMMA_KERNEL = re.compile(r"gemm_wgmma_kernelINS_10WgmmaShapeILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)E")
+
+
+def test_sm90_wgmma_kernels_run_on_the_warpgroup_tensor_cores_fed_by_the_copy_engine(sm90_wgmma):
+    # The Hopper family (gemm_wgmma.cuh), every block shape: HGMMA.64xNx16.F32
+    # is wgmma m64nNk16 with fp32 accumulators (N = the block's rows), one per
+    # k16 step of a stage and none of mma.sync's HMMA; the weight and activation
+    # boxes arrive by the tensor copy engine (UTMALDG), the scale and zero rows
+    # by bulk copies (UBLKCP), both on transaction barriers (SYNCS); weights
+    # reach the registers by 8-byte shared loads. Beyond 64 rows the producer
+    # warpgroup hands registers to the consumers (setmaxnreg: USETMAXREG).
+    # Cluster blocks add their K ranges through shared memory: no atomics.
+    kernels = {WGMMA_KERNEL.search(name).groups(): ops for name, ops in sm90_wgmma.items() if WGMMA_KERNEL.search(name)}
+    assert {int(tokens) for tokens, *_ in kernels} == {8, 16, 32, 64, 128, 256}, sorted(sm90_wgmma)
+    for (tokens, stage_k, _, _), ops in kernels.items():
+        name = f"{tokens} rows, {stage_k} k per stage"
+        assert count(ops, "HGMMA") >= int(stage_k) // 16, name
+        assert count(ops, "HMMA") == 0, name
+        assert count(ops, "UTMALDG") >= 1 and count(ops, "UBLKCP") >= 1, name
+        assert count(ops, "SYNCS") >= 1 and count(ops, "LDS.64") >= 1, name
+        assert count(ops, "ATOM") == 0 and count(ops, "RED") == 0, name
+        assert (count(ops, "USETMAXREG") >= 2) == (int(tokens) > 64), name

@@ -9,6 +9,7 @@
 #include "gemm_mma.cuh"
 #include "gemm_skinny.cuh"
 #include "gemm_tiled.cuh"
+#include "gemm_wgmma.cuh"
 #include "permute.cuh"
 
 namespace {
@@ -70,6 +71,7 @@ o4g::GemmParams to_params(const o4g_gemm_args &args)
     p.group_size = static_cast<int32_t>(args.k / args.groups);
     p.zero_words = static_cast<int32_t>(args.n * args.bits / 32);
     p.zero_offset = args.zero_offset;
+    p.tc_order = args.bits == 4 && args.pack_order == O4G_ORDER_TENSOR_CORE;
     return p;
 }
 
@@ -90,7 +92,7 @@ cudaError_t launch_skinny_rows(const o4g::GemmParams &p, cudaStream_t stream)
 }
 
 template <int BITS>
-int launch_gemm(const o4g::GemmParams &p, int path, int variant, cudaStream_t stream)
+int launch_gemm(const o4g::GemmParams &p, int path, int variant, int tile, int splits, cudaStream_t stream)
 {
     switch (path) {
     case O4G_PATH_EXLLAMA: {
@@ -116,6 +118,18 @@ int launch_gemm(const o4g::GemmParams &p, int path, int variant, cudaStream_t st
         return check(o4g::launch_mma(p, stream), "gemm_mma launch");
 #else
         return fail(O4G_ERR_UNSUPPORTED, "the mma path exists in CUDA builds only");
+#endif
+    }
+    case O4G_PATH_WGMMA: {
+#if O4G_HAVE_WGMMA
+        if (BITS != 4 || !p.tc_order || p.g_idx != nullptr || p.perm != nullptr || p.group_size % 32 != 0 ||
+            p.n % 128 != 0 || p.k % 128 != 0)
+            return fail(O4G_ERR_ARGS, "the wgmma path needs 4-bit weights in the tensor-core pack order, no g_idx or "
+                                      "permutation, groups of a multiple of 32 rows, n and k multiples of 128");
+        if (splits < 1 || splits > 8) return fail(O4G_ERR_ARGS, "the wgmma path splits K over 1 to 8 cluster blocks");
+        return check(o4g::launch_wgmma(p, tile, splits, stream), "gemm_wgmma launch");
+#else
+        return fail(O4G_ERR_UNSUPPORTED, "the wgmma path exists in CUDA builds only");
 #endif
     }
     case O4G_PATH_SKINNY: return check(launch_skinny_rows<BITS>(p, stream), "gemm_skinny launch");
@@ -146,10 +160,10 @@ extern "C" int o4g_gemm(const o4g_gemm_args *args, void *stream_handle)
     const o4g::GemmParams p = to_params(*args);
     const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
     switch (args->bits) {
-    case 2: return launch_gemm<2>(p, args->path, args->variant, stream);
-    case 3: return launch_gemm<3>(p, args->path, args->variant, stream);
-    case 4: return launch_gemm<4>(p, args->path, args->variant, stream);
-    case 8: return launch_gemm<8>(p, args->path, args->variant, stream);
+    case 2: return launch_gemm<2>(p, args->path, args->variant, args->tile, args->splits, stream);
+    case 3: return launch_gemm<3>(p, args->path, args->variant, args->tile, args->splits, stream);
+    case 4: return launch_gemm<4>(p, args->path, args->variant, args->tile, args->splits, stream);
+    case 8: return launch_gemm<8>(p, args->path, args->variant, args->tile, args->splits, stream);
     default: return fail(O4G_ERR_UNSUPPORTED, "bits must be 2, 3, 4 or 8");
     }
 }
@@ -174,7 +188,7 @@ extern "C" int o4g_dequantize(const o4g_gemm_args *args, void *weights, void *st
 }
 
 extern "C" int o4g_permute_rows(const int32_t *src, int32_t *dst, const int32_t *perm, int64_t k, int64_t n,
-                                int32_t bits, int32_t device, void *stream_handle)
+                                int32_t bits, int32_t pack_order, int32_t device, void *stream_handle)
 {
     if (k == 0 || n == 0) return O4G_OK;
     if (k % 32 != 0) return fail(O4G_ERR_ARGS, "k must be a multiple of 32");
@@ -184,11 +198,12 @@ extern "C" int o4g_permute_rows(const int32_t *src, int32_t *dst, const int32_t 
     const auto *s = reinterpret_cast<const uint32_t *>(src);
     auto *d = reinterpret_cast<uint32_t *>(dst);
     const cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+    const bool tc = pack_order == O4G_ORDER_TENSOR_CORE;
     switch (bits) {
-    case 2: return check(o4g::launch_permute_rows<2>(s, d, perm, k, n, stream), "permute_rows launch");
-    case 3: return check(o4g::launch_permute_rows<3>(s, d, perm, k, n, stream), "permute_rows launch");
-    case 4: return check(o4g::launch_permute_rows<4>(s, d, perm, k, n, stream), "permute_rows launch");
-    case 8: return check(o4g::launch_permute_rows<8>(s, d, perm, k, n, stream), "permute_rows launch");
+    case 2: return check(o4g::launch_permute_rows<2>(s, d, perm, k, n, tc, stream), "permute_rows launch");
+    case 3: return check(o4g::launch_permute_rows<3>(s, d, perm, k, n, tc, stream), "permute_rows launch");
+    case 4: return check(o4g::launch_permute_rows<4>(s, d, perm, k, n, tc, stream), "permute_rows launch");
+    case 8: return check(o4g::launch_permute_rows<8>(s, d, perm, k, n, tc, stream), "permute_rows launch");
     default: return fail(O4G_ERR_UNSUPPORTED, "bits must be 2, 3, 4 or 8");
     }
 }
@@ -210,6 +225,18 @@ extern "C" int o4g_device_count(int32_t *count)
         value = 0;
     }
     *count = value;
+    return O4G_OK;
+}
+
+extern "C" int o4g_get_device_caps(int32_t device, o4g_device_caps *caps)
+{
+    if (!caps) return fail(O4G_ERR_ARGS, "null caps");
+    cudaDeviceProp prop;
+    if (const int status = check(cudaGetDeviceProperties(&prop, device), "device properties"); status != O4G_OK)
+        return status;
+    caps->major = prop.major;
+    caps->minor = prop.minor;
+    caps->sms = prop.multiProcessorCount;
     return O4G_OK;
 }
 

@@ -20,7 +20,41 @@ struct GemmParams {
     int32_t group_size;   // rows per group when g_idx is NULL
     int32_t zero_words;   // int32 words per qzeros row
     int32_t zero_offset;  // 1 (v1) or 0 (v2)
+    int32_t tc_order;     // 1: 4-bit qweight in the tensor-core pack order (o4g_pack_order)
 };
+
+// The tensor-core pack order of shuffled 4-bit weights (opt4gptq.h,
+// o4g_pack_order; README, "Weight layout"): stream position 8t + j of a
+// 32-row pack (word t, nibble j) holds row 16 (j % 2) + 8 ((j / 2) % 2) + 2t + j / 4.
+// So nibbles (j, j + 4) hold two adjacent rows, and word t holds lane t's
+// k pairs of a tensor-core A fragment for the pack's two k16 steps.
+__host__ __device__ constexpr int tc_row_of_position(int position)
+{
+    const int t = position / 8, j = position % 8;
+    return 16 * (j % 2) + 8 * ((j / 2) % 2) + 2 * t + j / 4;
+}
+
+__host__ __device__ constexpr int tc_position_of_row(int row)
+{
+    const int j = row / 16 + 2 * ((row / 8) % 2) + 4 * (row % 2);
+    return 8 * ((row % 8) / 2) + j;
+}
+
+__host__ __device__ constexpr bool tc_order_round_trips()
+{
+    for (int row = 0; row < 32; ++row)
+        if (tc_row_of_position(tc_position_of_row(row)) != row) return false;
+    return true;
+}
+static_assert(tc_order_round_trips(), "tc_position_of_row inverts tc_row_of_position");
+
+// Stream position (along K) of row `row` of qweight in the params' pack order.
+template <int BITS>
+__device__ __forceinline__ int64_t packed_position(const GemmParams &p, int64_t row)
+{
+    if (BITS == 4 && p.tc_order) return (row & ~int64_t{31}) + tc_position_of_row(static_cast<int>(row & 31));
+    return row;
+}
 
 template <int BITS>
 struct Bits {

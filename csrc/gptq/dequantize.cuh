@@ -17,7 +17,7 @@ struct HalfVector {
     __half values[COLUMNS];
 };
 
-template <int BITS, int COLUMNS>
+template <int BITS, int COLUMNS, bool TC_ORDER>
 __global__ void dequantize_kernel(GemmParams p, __half *weights)
 {
     const int64_t column0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * COLUMNS;
@@ -65,7 +65,7 @@ __global__ void dequantize_kernel(GemmParams p, __half *weights)
         HalfVector<COLUMNS> out;
 #pragma unroll
         for (int c = 0; c < COLUMNS; ++c) {
-            const int q = static_cast<int>(unpack_from_words<BITS>(words[c], r));
+            const int q = static_cast<int>(unpack_from_words<BITS>(words[c], TC_ORDER ? tc_position_of_row(r) : r));
             out.values[c] = __float2half_rn(scale[c] * static_cast<float>(q - zero[c]));
         }
         if constexpr (COLUMNS == 8) {
@@ -86,8 +86,11 @@ cudaError_t launch_dequantize(const GemmParams &p, __half *weights, cudaStream_t
     const dim3 block(128);
     const int64_t per_block = 128 * columns;
     const dim3 grid(static_cast<unsigned>((p.n + per_block - 1) / per_block), static_cast<unsigned>(p.k / 32));
-    if (wide) dequantize_kernel<BITS, 8><<<grid, block, 0, stream>>>(p, weights);
-    else dequantize_kernel<BITS, 1><<<grid, block, 0, stream>>>(p, weights);
+    const bool tc = BITS == 4 && p.tc_order;
+    if (wide && tc) dequantize_kernel<BITS, 8, true><<<grid, block, 0, stream>>>(p, weights);
+    else if (wide) dequantize_kernel<BITS, 8, false><<<grid, block, 0, stream>>>(p, weights);
+    else if (tc) dequantize_kernel<BITS, 1, true><<<grid, block, 0, stream>>>(p, weights);
+    else dequantize_kernel<BITS, 1, false><<<grid, block, 0, stream>>>(p, weights);
     return cudaGetLastError();
 }
 

@@ -117,6 +117,11 @@ __device__ __forceinline__ void accumulate_pack(const GemmParams &p, int64_t pac
         zero[c] = zero_point<BITS>(p, group, n0 + c);
     }
     const __half2 zero2 = __float2half2_rn(0.0f);
+    // The 4 half2 of 8 stream positions r8..r8+7 and the activation pair each
+    // meets: in GPTQ order rows (r8 + 2i, r8 + 2i + 1); 4-bit weights are
+    // shuffled into the tensor-core pack order (common.cuh), where positions
+    // (r8 + i, r8 + i + 4) hold two adjacent rows.
+    constexpr bool kTensorCoreOrder = BITS == 4;
 #pragma unroll
     for (int r8 = 0; r8 < 32; r8 += 8) {
 #pragma unroll
@@ -125,18 +130,24 @@ __device__ __forceinline__ void accumulate_pack(const GemmParams &p, int64_t pac
             __half2 dq[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int lo = static_cast<int>(unpack_from_words<BITS>(words[c], r8 + 2 * i)) - zero[c];
-                const int hi = static_cast<int>(unpack_from_words<BITS>(words[c], r8 + 2 * i + 1)) - zero[c];
+                const int lo_position = kTensorCoreOrder ? r8 + i : r8 + 2 * i;
+                const int hi_position = kTensorCoreOrder ? r8 + i + 4 : r8 + 2 * i + 1;
+                const int lo = static_cast<int>(unpack_from_words<BITS>(words[c], lo_position)) - zero[c];
+                const int hi = static_cast<int>(unpack_from_words<BITS>(words[c], hi_position)) - zero[c];
                 dq[i] = __halves2half2(__int2half_rn(lo), __int2half_rn(hi));
             }
 #pragma unroll
             for (int m = 0; m < M_COUNT; ++m) {
-                const __half2 *a2 = reinterpret_cast<const __half2 *>(tile + m * stride + r8);
+                const __half *x = tile + m * stride;
+                const auto pair = [&](int i) {
+                    const int row = kTensorCoreOrder ? tc_row_of_position(r8 + i) : r8 + 2 * i;
+                    return *reinterpret_cast<const __half2 *>(x + row);
+                };
                 // Two independent chains, joined by one packed add.
-                __half2 even = fma2<ILA>(dq[0], a2[0], zero2);
-                __half2 odd = fma2<ILA>(dq[1], a2[1], zero2);
-                even = fma2<ILA>(dq[2], a2[2], even);
-                odd = fma2<ILA>(dq[3], a2[3], odd);
+                __half2 even = fma2<ILA>(dq[0], pair(0), zero2);
+                __half2 odd = fma2<ILA>(dq[1], pair(1), zero2);
+                even = fma2<ILA>(dq[2], pair(2), even);
+                odd = fma2<ILA>(dq[3], pair(3), odd);
                 const __half2 sum = add2<ILA>(even, odd);
                 acc[m][c] = fmaf(__low2float(sum) + __high2float(sum), scale[c], acc[m][c]);
             }

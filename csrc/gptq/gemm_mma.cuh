@@ -1,17 +1,15 @@
 // 4-bit GPTQ GEMM on the tensor cores, for few to some tens of rows (decode and
 // small batches), in the exllama layout (gptq_shuffle'd rows, contiguous groups).
 //
-// The trick that needs no weight re-layout: an MMA sums over k, so any
-// consistent relabelling of k between the A and B fragments gives the same
-// product. Lane (g, t) of a warp (g = lane / 4, t = lane % 4) loads 16 bytes
-// of qweight: word row t of a 32-row pack for 4 adjacent columns, i.e. 8
-// consecutive k for each. It owns fragment slots {2t, 2t+1, 2t+8, 2t+9} of two
-// k16 tiles, and those slots are simply *defined* to be its own 8 k values,
-// paired the way the bit trick below unpacks them: nibbles (0,4), (1,5) for
-// the first k16 tile, (2,6), (3,7) for the second. The activations for the
-// same 8 k are one 16-byte load of row g, re-paired with two PRMTs each.
-// The 4 columns become MMA rows g and g+8 of two m16 tiles; tokens are the n8
-// axis. So a warp covers 32 columns x 32 k per load, every byte read once.
+// The weights are in the tensor-core pack order gptq_shuffle writes
+// (common.cuh): word row t of a 32-row pack holds lane t's A-fragment k pairs
+// of both k16 tiles of the pack, rows (2t, 2t+1) and (2t+8, 2t+9) of the first
+// in nibbles (0, 4) and (2, 6), rows 16 + those of the second in (1, 5) and
+// (3, 7). Lane (g, t) of a warp (g = lane / 4, t = lane % 4) loads 16 bytes of
+// qweight: word row t for 4 adjacent columns, which become MMA rows g and g+8
+// of two m16 tiles; tokens are the n8 axis. The activations of row g are the
+// B fragments as stored: four 4-byte loads at k 2t, 2t+8, 2t+16, 2t+24. So a
+// warp covers 32 columns x 32 k per load, every byte read once.
 //
 // Dequantization: w & 0x000F000F | 0x64006400 is the half2 pair
 // (1024 + q_0, 1024 + q_4); subtracting (1024 + zero) is exact, so the MMA
@@ -40,19 +38,27 @@ struct PackShare {
     uint4 x[TOKEN_TILES];
 };
 
-// 8 activations of row `token` at weight rows k0..k0+7, through the act-order
+// A lane's B fragments of one pack: the activation pairs at x + {0, 1},
+// {8, 9}, {16, 17}, {24, 25} (x at the pack's k 2t).
+__device__ __forceinline__ uint4 activation_pairs(const __half *x)
+{
+    return make_uint4(*reinterpret_cast<const uint32_t *>(x), *reinterpret_cast<const uint32_t *>(x + 8),
+                      *reinterpret_cast<const uint32_t *>(x + 16), *reinterpret_cast<const uint32_t *>(x + 24));
+}
+
+// The same pairs of row `token` at weight rows k0 + ..., through the act-order
 // permutation when there is one (an out-of-range entry reads as NaN).
 template <bool GATHER>
 __device__ __forceinline__ uint4 load_activations(const GemmParams &p, int64_t token, int64_t k0)
 {
     if constexpr (!GATHER) {
-        return *reinterpret_cast<const uint4 *>(p.a + token * p.lda + k0);
+        return activation_pairs(p.a + token * p.lda + k0);
     } else {
         __half h[8];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             float poison = 0.0f;
-            const int64_t column = activation_column(p, k0 + j, poison);
+            const int64_t column = activation_column(p, k0 + 8 * (j / 2) + j % 2, poison);
             h[j] = poison != 0.0f ? __float2half(poison) : p.a[token * p.lda + column];
         }
         uint4 v;
@@ -77,10 +83,11 @@ struct ZeroPairs {
     uint32_t high[4];
 };
 
-// acc[m16][tile] += (q - z) . x and acc16[m16][tile] += 16 (q - z) . x over
-// this pack's 32 k. Nibbles j = 0, 2 of each byte pair are masked in place
-// (0x000F000F), j = 1, 3 without a shift (0x00F000F0, i.e. 16 q): one shift
-// per word instead of three. The 16x products go to their own accumulators,
+// acc[m16][tile] += (q - z) . x over the pack's first k16 tile and
+// acc16[m16][tile] += 16 (q - z) . x over its second. The first tile's
+// nibbles (0, 4) and (2, 6) are masked in place (0x000F000F), the second's
+// (1, 5) and (3, 7) without a shift (0x00F000F0, i.e. 16 q): one shift per
+// word instead of three. The 16x products go to their own accumulators,
 // which apply_scales divides by 16 (exact).
 template <int TOKEN_TILES>
 __device__ __forceinline__ void multiply_share(const PackShare<TOKEN_TILES> &share, const ZeroPairs &zero,
@@ -99,19 +106,16 @@ __device__ __forceinline__ void multiply_share(const PackShare<TOKEN_TILES> &sha
 
 #pragma unroll
     for (int tile = 0; tile < TOKEN_TILES; ++tile) {
-        const uint4 x = share.x[tile];  // halves x0..x7 of this lane's 8 k
-        const uint32_t x04 = isa::pair_low_halves(x.x, x.z);
-        const uint32_t x15 = isa::pair_high_halves(x.x, x.z);
-        const uint32_t x26 = isa::pair_low_halves(x.y, x.w);
-        const uint32_t x37 = isa::pair_high_halves(x.y, x.w);
+        // Pairs (x_2t, x_2t+1), (x_2t+8, ..), (x_2t+16, ..), (x_2t+24, ..) of token g: the B fragments.
+        const uint4 x = share.x[tile];
 #pragma unroll
         for (int m16 = 0; m16 < 2; ++m16) {
             // Rows g and g + 8 of this m16 tile are columns 2*m16 and 2*m16 + 1 of the lane's four.
             const int c0 = 2 * m16, c1 = 2 * m16 + 1;
-            const uint32_t even[4] = {q[c0][0], q[c1][0], q[c0][2], q[c1][2]};
-            isa::mma_16x8x16(acc[m16][tile], even, x04, x26);
-            const uint32_t odd[4] = {q[c0][1], q[c1][1], q[c0][3], q[c1][3]};
-            isa::mma_16x8x16(acc16[m16][tile], odd, x15, x37);
+            const uint32_t first[4] = {q[c0][0], q[c1][0], q[c0][2], q[c1][2]};
+            isa::mma_16x8x16(acc[m16][tile], first, x.x, x.y);
+            const uint32_t second[4] = {q[c0][1], q[c1][1], q[c0][3], q[c1][3]};
+            isa::mma_16x8x16(acc16[m16][tile], second, x.z, x.w);
         }
     }
 }
@@ -189,8 +193,8 @@ template <int TOKEN_TILES, bool GATHER>
 struct ShareStream {
     const uint32_t *weights;    // qweight row 4 * pack + t, column 4g
     int64_t weight_stride;      // 4 rows of qweight
-    const __half *x[TOKEN_TILES];  // activation row of token g of each tile, at k = 32 * pack + 8t (contiguous case)
-    int64_t k0;                 // 32 * pack + 8t (gather case)
+    const __half *x[TOKEN_TILES];  // activation row of token g of each tile, at k = 32 * pack + 2t (contiguous case)
+    int64_t k0;                 // 32 * pack + 2t (gather case)
     bool valid[TOKEN_TILES];    // the tile's token g exists
 
     __device__ __forceinline__ void load(const GemmParams &p, PackShare<TOKEN_TILES> &share, int64_t token0)
@@ -202,7 +206,7 @@ struct ShareStream {
             if constexpr (GATHER) {
                 share.x[tile] = valid[tile] ? load_activations<true>(p, token0 + tile * 8, k0) : make_uint4(0u, 0u, 0u, 0u);
             } else {
-                share.x[tile] = valid[tile] ? *reinterpret_cast<const uint4 *>(x[tile]) : make_uint4(0u, 0u, 0u, 0u);
+                share.x[tile] = valid[tile] ? activation_pairs(x[tile]) : make_uint4(0u, 0u, 0u, 0u);
                 x[tile] += 32;
             }
         }
@@ -240,7 +244,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemm_mma_kernel(GemmParams p)
     ShareStream<TOKEN_TILES, GATHER> stream;
     stream.weights = p.qweight + (static_cast<int64_t>(begin) * 4 + t) * p.n + column;
     stream.weight_stride = 4 * p.n;
-    stream.k0 = static_cast<int64_t>(begin) * 32 + 8 * t;
+    stream.k0 = static_cast<int64_t>(begin) * 32 + 2 * t;
 #pragma unroll
     for (int tile = 0; tile < TOKEN_TILES; ++tile) {
         const int64_t token = m0 + tile * 8 + g;

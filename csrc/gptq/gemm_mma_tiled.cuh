@@ -8,15 +8,14 @@
 // 128-column x 64-row output tile:
 // - Both operands of a stage (128 k where K allows, else 64), and the scales
 //   and zero points of its groups, arrive in shared memory by cp.async, three
-//   (four) stages in flight, in the exllama layout as stored (no re-layout).
+//   (four) stages in flight, in the layout gptq_shuffle wrote.
 // - Warp (cw, kw) owns columns cw*32..+31 and packs kw*P..kw*P+P-1 of every
 //   stage (P = 2 or 1). It dequantizes its 16-byte share of each pack once, as
-//   gemm_mma.cuh does (lane (g, t): word row t, 4 columns; the MMA's k slots
-//   relabelled to the lane's own 8 k, here in natural order so that the
-//   activations go to the MMA as loaded), with zero point and scale applied in
-//   fp16 ((q - z) exact, one rounding by the scale, as every GPTQ kernel does),
-//   and multiplies it with all 8 token tiles of the stage: one fp32
-//   accumulator set for all K.
+//   gemm_mma.cuh does (lane (g, t): word row t, 4 columns, already the lane's
+//   A-fragment k pairs in the tensor-core pack order), with zero point and
+//   scale applied in fp16 ((q - z) exact, one rounding by the scale, as every
+//   GPTQ kernel does), and multiplies it with all 8 token tiles of the stage:
+//   one fp32 accumulator set for all K.
 // - The two K-warps meet in shared memory, added in order; when the layer has
 //   too few column tiles to fill the GPU, K is also split over the blocks of a
 //   thread-block cluster (Hopper) and the blocks' tiles are added in rank order
@@ -46,13 +45,14 @@ struct Tiled {
     static constexpr int kStages = STAGES;
     static constexpr int kStageK = 32 * kStagePacks;
     static constexpr int kMaxSplits = 8;                      // the portable cluster size
-    // Shared-memory rows are padded so that each 8-lane phase of a warp's
-    // 16-byte reads hits 8 distinct 16-byte bank groups: word row t of lane
-    // (g, t) lands 32 t bytes over (544 = 4 * 128 + 32), activation row g + 1
-    // lands 64 bytes over row g.
+    // Shared-memory rows are padded against bank conflicts: for the 16-byte
+    // weight reads word row t of lane (g, t) lands 32 t bytes over (544 = 4 *
+    // 128 + 32), so each 8-lane phase hits 8 distinct 16-byte bank groups; for
+    // the 4-byte activation reads row g + 1 lands 16 bytes over row g, so
+    // lane (g, t) reads bank 4g + t.
     static constexpr int kWeightRowBytes = kColumns * 4 + 32;
     static constexpr int kWeightBytes = 4 * kStagePacks * kWeightRowBytes;
-    static constexpr int kActRowBytes = kStageK * 2 + 64;
+    static constexpr int kActRowBytes = kStageK * 2 + 16;
     static constexpr int kActBytes = kRows * kActRowBytes;
     // Per pack of the stage: the 128 columns' scales (256 bytes) and zero words (64 bytes) of its group.
     static constexpr int kMetaPackBytes = kColumns * 2 + kColumns / 2;
@@ -226,35 +226,34 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks) gemm_mma_tiled_ker
             const uint4 weights =
                 *reinterpret_cast<const uint4 *>(slot + (4 * stage_pack + t) * S::kWeightRowBytes + cw * 128 + 16 * g);
             const uint32_t words[4] = {weights.x, weights.y, weights.z, weights.w};
-            // [column][j]: half2 (w_2j, w_2j+1) of the lane's 8 k in natural order, so
-            // that the activations need no re-pairing: four PRMTs per column here,
-            // once per warp, instead of four per token tile.
+            // [column][j]: the lane's A-fragment pairs (q - z) * s: j = 0, 1 rows
+            // (2t, 2t+1) and (2t+8, 2t+9) of the pack's first k16 tile (nibbles (0, 4),
+            // (2, 6)), j = 2, 3 the same rows of its second (nibbles (1, 5), (3, 7), as 16 q).
             uint32_t w[4][4];
     #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const uint32_t shifted = words[c] >> 8;
-                const uint32_t w04 = scaled_weights(isa::and_or(words[c], 0x000F000Fu, 0x64006400u), group.zero.low[c], group.scale[c]);
-                const uint32_t w15 = scaled_weights(isa::and_or(words[c], 0x00F000F0u, 0x64006400u), group.zero.high[c], group.scale16[c]);
-                const uint32_t w26 = scaled_weights(isa::and_or(shifted, 0x000F000Fu, 0x64006400u), group.zero.low[c], group.scale[c]);
-                const uint32_t w37 = scaled_weights(isa::and_or(shifted, 0x00F000F0u, 0x64006400u), group.zero.high[c], group.scale16[c]);
-                w[c][0] = isa::pair_low_halves(w04, w15);
-                w[c][1] = isa::pair_low_halves(w26, w37);
-                w[c][2] = isa::pair_high_halves(w04, w15);
-                w[c][3] = isa::pair_high_halves(w26, w37);
+                w[c][0] = scaled_weights(isa::and_or(words[c], 0x000F000Fu, 0x64006400u), group.zero.low[c], group.scale[c]);
+                w[c][1] = scaled_weights(isa::and_or(shifted, 0x000F000Fu, 0x64006400u), group.zero.low[c], group.scale[c]);
+                w[c][2] = scaled_weights(isa::and_or(words[c], 0x00F000F0u, 0x64006400u), group.zero.high[c], group.scale16[c]);
+                w[c][3] = scaled_weights(isa::and_or(shifted, 0x00F000F0u, 0x64006400u), group.zero.high[c], group.scale16[c]);
             }
-            // Lane (g, t)'s 8 k fill fragment slots {2t, 2t+1, 2t+8, 2t+9} of two k16
-            // MMAs: k 0-3 the first, k 4-7 the second; token g of each tile.
-            const unsigned char *acts = slot + S::kWeightBytes + g * S::kActRowBytes + stage_pack * 64 + 16 * t;
+            // Token g's B fragments of each tile: pairs at the pack's k 2t, 2t+8, 2t+16, 2t+24.
+            const unsigned char *acts = slot + S::kWeightBytes + g * S::kActRowBytes + stage_pack * 64 + 4 * t;
     #pragma unroll
             for (int tile = 0; tile < S::kTokenTiles; ++tile) {
-                const uint4 x = *reinterpret_cast<const uint4 *>(acts + tile * 8 * S::kActRowBytes);
+                const unsigned char *row = acts + tile * 8 * S::kActRowBytes;
+                const uint32_t x0 = *reinterpret_cast<const uint32_t *>(row);
+                const uint32_t x8 = *reinterpret_cast<const uint32_t *>(row + 16);
+                const uint32_t x16 = *reinterpret_cast<const uint32_t *>(row + 32);
+                const uint32_t x24 = *reinterpret_cast<const uint32_t *>(row + 48);
     #pragma unroll
                 for (int m16 = 0; m16 < 2; ++m16) {
                     const int c0 = 2 * m16, c1 = 2 * m16 + 1;  // rows g and g + 8 of this m16 tile
-                    const uint32_t low[4] = {w[c0][0], w[c1][0], w[c0][1], w[c1][1]};
-                    isa::mma_16x8x16(acc[m16][tile], low, x.x, x.y);
-                    const uint32_t high[4] = {w[c0][2], w[c1][2], w[c0][3], w[c1][3]};
-                    isa::mma_16x8x16(acc[m16][tile], high, x.z, x.w);
+                    const uint32_t first[4] = {w[c0][0], w[c1][0], w[c0][1], w[c1][1]};
+                    isa::mma_16x8x16(acc[m16][tile], first, x0, x8);
+                    const uint32_t second[4] = {w[c0][2], w[c1][2], w[c0][3], w[c1][3]};
+                    isa::mma_16x8x16(acc[m16][tile], second, x16, x24);
                 }
             }
         }

@@ -58,7 +58,9 @@ __global__ void __launch_bounds__(kSkinnyColumns * kSkinnySlices) gemm_skinny_ke
                     zero = valid ? zero_point<BITS>(p, group, column) : 0;
                 }
                 // scale (11-bit mantissa) times a 9-bit integer is exact in fp32.
-                w[r] = scale * static_cast<float>(static_cast<int>(unpack_from_words<BITS>(words, r)) - zero);
+                const int q = static_cast<int>(p.tc_order ? unpack_from_words<BITS>(words, tc_position_of_row(r))
+                                                          : unpack_from_words<BITS>(words, r));
+                w[r] = scale * static_cast<float>(q - zero);
                 source[r] = static_cast<int32_t>(activation_column(p, row, w[r]));
             }
 #pragma unroll

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kTiledThreads) gemm_tiled_kernel(GemmParams p)
                     const int group = group_of_row(p, row);
                     if (group_is_valid(p, group)) {
                         const float scale = __half2float(p.scales[static_cast<int64_t>(group) * p.n + column]);
-                        const int q = static_cast<int>(unpack_strided<BITS>(column_words, p.n, r0 + i));
+                        const int q = static_cast<int>(unpack_strided<BITS>(column_words, p.n, packed_position<BITS>(p, r0 + i)));
                         w = scale * static_cast<float>(q - zero_point<BITS>(p, group, column));
                     } else {
                         w = quiet_nan();

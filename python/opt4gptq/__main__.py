@@ -106,6 +106,7 @@ def time_llama_layer(target: Target, rng: np.random.Generator) -> None:
     k = n = 4096
     t = pack.random_gptq(k, n, 4, 128, rng=rng)
     args = [target.to(x) for x in (t.qweight, t.qzeros, t.scales)]
+    opt4gptq.gptq_shuffle(args[0], None, 4)
     weight_bytes = t.qweight.nbytes + t.qzeros.nbytes + t.scales.nbytes
     for m in ((1, 16, 256) if target.timer else (1, 16)):
         a = target.to(rng.standard_normal((m, k)).astype(np.float16))

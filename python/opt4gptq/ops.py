@@ -14,8 +14,8 @@ _last = threading.local()
 
 
 def last_kernel() -> Optional[str]:
-    """Which kernel served this thread's last gptq_gemm: "cpu", "skinny", "tiled",
-    "exllama/<variant>" or "dense" (dequantize + torch.matmul) (diagnostics and tests)."""
+    """Which kernel served this thread's last gptq_gemm: "cpu", "wgmma", "mma", "skinny",
+    "tiled", "exllama/<variant>" or "dense" (dequantize + torch.matmul) (diagnostics and tests)."""
     return getattr(_last, "kernel", None)
 
 
@@ -128,7 +128,7 @@ def gptq_gemm(
         variant = os.environ.get("OPT4GPTQ_VARIANT") or None
     if g_idx is not None and use_exllama and _gathers_on_torch(a, bit, path, variant):
         a, g_idx = _permuted_activations(a, g_idx), None
-    if _wants_dense(a, m, bit, use_exllama, path, variant is not None):
+    if _wants_dense(a, m, n, k, bit, use_exllama, path, variant is not None):
         _dense_gemm(a, b_q_weight, b_gptq_qzeros, b_gptq_scales, g_idx, out, use_exllama, bit, use_v2_format, launch)
         return out
     workspace = None
@@ -160,10 +160,11 @@ def gptq_gemm(
 
 
 def _gathers_on_torch(a: Any, bit: int, path: Optional[str], variant: Optional[str]) -> bool:
-    """Act-order on a torch GPU for the tensor-core path: gather the activations
+    """Act-order on a torch GPU for the tensor-core paths: gather the activations
     once with torch (one small kernel) instead of per element inside ours, which
-    then streams them with asynchronous 16-byte copies."""
-    return (bit == 4 and variant is None and path in (None, "mma") and library_of(a) == "torch"
+    then streams them with asynchronous copies (the wgmma kernels' copy engine
+    reads only contiguous rows)."""
+    return (bit == 4 and variant is None and path in (None, "mma", "wgmma") and library_of(a) == "torch"
             and a.device.type == "cuda" and _C.backend() == "cuda")
 
 
@@ -173,8 +174,10 @@ def _permuted_activations(a: Any, perm: Any) -> Any:
     return torch.index_select(a, 1, perm)
 
 
-def _wants_dense(a: Any, m: int, bit: int, use_exllama: bool, path: Optional[str], variant_named: bool) -> bool:
-    """Many rows on a torch GPU: dequantize once, then the vendor GEMM (as vLLM does)."""
+def _wants_dense(a: Any, m: int, n: int, k: int, bit: int, use_exllama: bool, path: Optional[str],
+                 variant_named: bool) -> bool:
+    """Many rows on a torch GPU: dequantize once, then the vendor GEMM (as vLLM
+    does), except where our Hopper kernels serve every row count."""
     if path is not None:
         if path != "dense":
             return False
@@ -183,7 +186,8 @@ def _wants_dense(a: Any, m: int, bit: int, use_exllama: bool, path: Optional[str
         return True
     if library_of(a) != "torch" or a.device.type != "cuda":
         return False
-    return m >= _C.dense_min_rows(bit, bool(use_exllama), variant_named)
+    device = a.device.index if _C.backend() == "cuda" else None
+    return m >= _C.dense_min_rows(bit, bool(use_exllama), variant_named, device, n, k)
 
 
 def _dense_gemm(a, qweight, qzeros, scales, g_idx, out, use_exllama, bit, use_v2_format, launch) -> None:
@@ -206,19 +210,27 @@ def _dense_gemm(a, qweight, qzeros, scales, g_idx, out, use_exllama, bit, use_v2
 def gptq_shuffle(q_weight: Any, q_perm: Any, bit: int) -> None:
     """Re-lay ``q_weight`` in place for :func:`gptq_gemm` with ``use_exllama=True``.
 
-    Our shuffled layout is the GPTQ packing with rows reordered: afterwards,
-    row r holds what row ``q_perm[r]`` held. Without a permutation (``None``,
-    empty, or vLLM 0.3.3's meta tensor) the layout is already what the kernels
-    read, so nothing moves. Load-time only: on GPU it allocates one scratch
-    copy of ``q_weight`` through the caller's library.
+    Our shuffled layout is the GPTQ packing with rows reordered (afterwards row
+    r holds what row ``q_perm[r]`` held) and, for 4-bit weights, every 32-row
+    pack re-laid in the tensor-core pack order (README, "Weight layout";
+    numpy reference: ``opt4gptq.pack.shuffle``). Without a permutation
+    (``None``, empty, or vLLM 0.3.3's meta tensor) rows stay in place: 2/3/8-bit
+    weights are left alone, 4-bit ones still get the pack order. As with vLLM's
+    own op, weights passed to ``gptq_gemm(use_exllama=True)`` must have been
+    shuffled once, and only once. Load-time only: on GPU it allocates one
+    scratch copy of ``q_weight`` through the caller's library.
     """
     _check_bit(bit)
     rows, _ = _check_2d(q_weight, "q_weight", "[K * bit / 32, N] packed weights")
     if is_absent(q_perm):
-        return
-    _check_device_indices(q_perm, "q_perm", "permutation", 0)
+        if bit != 4:
+            return
+        q_perm = None
+    else:
+        _check_device_indices(q_perm, "q_perm", "permutation", 0)
     launch = launch_for(q_weight)
     source = copy_of(q_weight)
-    _C.permute_rows(capsule(source, launch), capsule(q_weight, launch), capsule(q_perm, launch), bit, launch.stream)
+    perm = None if q_perm is None else capsule(q_perm, launch)
+    _C.permute_rows(capsule(source, launch), capsule(q_weight, launch), perm, bit, launch.stream)
     if launch.synchronize_after:
         _C.stream_synchronize(q_weight.__dlpack_device__()[1], launch.stream)

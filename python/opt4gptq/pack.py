@@ -45,6 +45,9 @@ __all__ = [
     "quantize",
     "random_gptq",
     "permute_rows",
+    "TENSOR_CORE_PACK_ORDER",
+    "shuffle",
+    "unshuffle",
 ]
 
 #: Bit widths of the GPTQ format handled here.
@@ -527,3 +530,61 @@ def permute_rows(qweight, perm, bits: int) -> np.ndarray:
     if not np.array_equal(np.sort(p), np.arange(k)):
         raise ValueError(f"perm must be a permutation of range({k})")
     return pack_rows(q[p], bits)
+
+
+# ---------------------------------------------------------------------------
+# the shuffled layout (reference for gptq_shuffle)
+# ---------------------------------------------------------------------------
+
+#: 4-bit weights after ``gptq_shuffle``: within every 32-row pack of a column,
+#: stream position ``8*t + j`` (word row t of the pack, nibble j, bits
+#: ``4j..4j+3``) holds row ``16*(j % 2) + 8*((j // 2) % 2) + 2*t + j // 4`` of
+#: the pack. Each nibble pair (j, j+4), which one AND/OR turns into a half2,
+#: holds two adjacent rows: word row t holds rows (2t, 2t+1) in nibbles (0, 4),
+#: (2t+8, 2t+9) in (2, 6), (2t+16, 2t+17) in (1, 5) and (2t+24, 2t+25) in
+#: (3, 7). Those are exactly lane t's k pairs of a tensor-core A fragment
+#: (mma.sync m16n8k16, wgmma m64nNk16) for the pack's two k16 steps, the first
+#: step in the even nibbles (masked in place) and the second in the odd ones
+#: (masked in place as 16 q). Words stay where GPTQ puts them (``[K/8, N]``,
+#: word row ``4*pack + t``).
+TENSOR_CORE_PACK_ORDER = tuple(16 * (j % 2) + 8 * ((j // 2) % 2) + 2 * t + j // 4 for t in range(4) for j in range(8))
+
+
+def _pack_order(bits: int) -> np.ndarray:
+    """Row of the pack held at each stream position after gptq_shuffle."""
+    if bits == 4:
+        return np.asarray(TENSOR_CORE_PACK_ORDER)
+    return np.arange(32)
+
+
+def shuffle(qweight, perm, bits: int) -> np.ndarray:
+    """The reference of ``gptq_shuffle``: rows reordered by ``perm`` (row r
+    takes old row ``perm[r]``; ``None`` keeps the order), then, for 4-bit
+    weights, every 32-row pack re-laid in :data:`TENSOR_CORE_PACK_ORDER`.
+    Returns a new int32 ``[K*bits/32, N]`` array; 2/3/8-bit weights only move
+    rows."""
+    bits = _check_bits(bits)
+    q = unpack_rows(qweight, bits)
+    if perm is not None:
+        q = unpack_rows(permute_rows(qweight, perm, bits), bits)
+    if q.shape[0] % 32:
+        raise ValueError(f"qweight has K={q.shape[0]} rows; K must be a multiple of 32")
+    blocks = q.reshape(q.shape[0] // 32, 32, -1)
+    return pack_rows(blocks[:, _pack_order(bits)].reshape(q.shape), bits)
+
+
+def unshuffle(qweight, perm, bits: int) -> np.ndarray:
+    """Inverse of :func:`shuffle`: the checkpoint's ``qweight`` back."""
+    bits = _check_bits(bits)
+    q = unpack_rows(qweight, bits)
+    if q.shape[0] % 32:
+        raise ValueError(f"qweight has K={q.shape[0]} rows; K must be a multiple of 32")
+    blocks = q.reshape(q.shape[0] // 32, 32, -1)
+    ordered = np.empty_like(blocks)
+    ordered[:, _pack_order(bits)] = blocks
+    q = ordered.reshape(q.shape)
+    if perm is not None:
+        restored = np.empty_like(q)
+        restored[np.asarray(perm)] = q
+        q = restored
+    return pack_rows(q, bits)

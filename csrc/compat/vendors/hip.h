@@ -24,3 +24,4 @@
 // No mma.sync on gfx9: the tensor-core GEMM (gemm_mma.cuh) compiles to nothing here
 // and the Rust dispatch never picks it on ROCm.
 #define O4G_HAVE_MMA 0
+#define O4G_HAVE_WGMMA 0

@@ -1,0 +1,129 @@
+// The Hopper warpgroup kernels (4-bit) in their own translation unit: the
+// block shapes the Rust plan names by index, and the per-call host work (two
+// tensor maps, the cluster launch). Device code exists for sm_90a only; other
+// targets compile the kernels empty and the plan never names them there.
+#include "../gemm_wgmma.cuh"
+
+#if O4G_HAVE_WGMMA
+#include <cudaTypedefs.h>
+
+namespace o4g {
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+// The block shapes, indexed by o4g_gemm_args.tile (src/plan.rs, WGMMA_TILES
+// mirrors this list: tokens, stage k, stages, blocks per SM).
+using Tile8 = WgmmaShape<8, 128, 4, 2>;
+using Tile16 = WgmmaShape<16, 128, 4, 2>;
+using Tile32 = WgmmaShape<32, 128, 4, 1>;
+using Tile64 = WgmmaShape<64, 128, 4, 1>;
+using Tile128 = WgmmaShape<128, 64, 6, 1>;
+using Tile256 = WgmmaShape<256, 64, 4, 1>;
+
+// The driver's tensor-map encoder, found once through the runtime (no link
+// against libcuda: the wheel carries only the static runtime).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder()
+{
+    static PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+        void *function = nullptr;
+        cudaDriverEntryPointQueryResult found{};
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found) !=
+                cudaSuccess ||
+            found != cudaDriverEntryPointSuccess)
+            function = nullptr;
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
+    }();
+    return encoder;
+}
+
+// A 2-D row-major tensor (`rows` x `columns` elements of `bytes` each, rows
+// `row_bytes` apart) read in boxes of `box_columns` x `box_rows`, 128-byte
+// swizzled. Rows past the end read as zeros.
+cudaError_t encode_2d(CUtensorMap &map, CUtensorMapDataType type, const void *base, uint64_t columns, uint64_t rows,
+                      uint64_t row_bytes, uint32_t box_columns, uint32_t box_rows)
+{
+    const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+    if (encode == nullptr) return cudaErrorNotSupported;
+    const cuuint64_t dims[2] = {columns, rows};
+    const cuuint64_t strides[1] = {row_bytes};
+    const cuuint32_t box[2] = {box_columns, box_rows};
+    const cuuint32_t element_strides[2] = {1, 1};
+    const CUresult result =
+        encode(&map, type, 2, const_cast<void *>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename S>
+cudaError_t launch_shape(const GemmParams &p, int splits, cudaStream_t stream)
+{
+    static bool shared_opt_in[kMaxDevices];
+    int device = 0;
+    if (const cudaError_t error = cudaGetDevice(&device); error != cudaSuccess) return error;
+    if (device >= 0 && device < kMaxDevices && !shared_opt_in[device]) {
+        const cudaError_t error =
+            cudaFuncSetAttribute(gemm_wgmma_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes);
+        if (error != cudaSuccess) return error;
+        shared_opt_in[device] = true;
+    }
+
+    CUtensorMap weight_map, activation_map;
+    // qweight as int32 [k / 8, n]: boxes of 32 columns x (stage k / 8) word rows.
+    if (const cudaError_t error = encode_2d(weight_map, CU_TENSOR_MAP_DATA_TYPE_INT32, p.qweight, p.n, p.k / 8, p.n * 4,
+                                            32, S::kStageK / 8);
+        error != cudaSuccess)
+        return error;
+    // a as fp16 [m, k] with row stride lda: boxes of 64 k x kTokens rows.
+    if (const cudaError_t error = encode_2d(activation_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p.a, p.k, p.m, p.lda * 2, 64,
+                                            S::kTokens);
+        error != cudaSuccess)
+        return error;
+
+    WgmmaParams w;
+    w.scales = p.scales;
+    w.qzeros = p.qzeros;
+    w.out = p.out;
+    w.m = p.m;
+    w.n = p.n;
+    w.k = static_cast<int32_t>(p.k);
+    w.group_size = p.group_size;
+    w.zero_words = p.zero_words;
+    w.zero_offset = p.zero_offset;
+    w.splits = splits;
+
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(splits), static_cast<unsigned>((p.m + S::kTokens - 1) / S::kTokens),
+                          static_cast<unsigned>(p.n / S::kColumns));
+    config.blockDim = dim3(S::kThreads);
+    config.dynamicSmemBytes = S::kSharedBytes;
+    config.stream = stream;
+    cudaLaunchAttribute cluster[1];
+    if (splits > 1) {
+        cluster[0].id = cudaLaunchAttributeClusterDimension;
+        cluster[0].val.clusterDim.x = static_cast<unsigned>(splits);
+        cluster[0].val.clusterDim.y = 1;
+        cluster[0].val.clusterDim.z = 1;
+        config.attrs = cluster;
+        config.numAttrs = 1;
+    }
+    return cudaLaunchKernelEx(&config, gemm_wgmma_kernel<S>, weight_map, activation_map, w);
+}
+
+}  // namespace
+
+cudaError_t launch_wgmma(const GemmParams &p, int tile, int splits, cudaStream_t stream)
+{
+    switch (tile) {
+    case 0: return launch_shape<Tile8>(p, splits, stream);
+    case 1: return launch_shape<Tile16>(p, splits, stream);
+    case 2: return launch_shape<Tile32>(p, splits, stream);
+    case 3: return launch_shape<Tile64>(p, splits, stream);
+    case 4: return launch_shape<Tile128>(p, splits, stream);
+    case 5: return launch_shape<Tile256>(p, splits, stream);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+}  // namespace o4g
+#endif
