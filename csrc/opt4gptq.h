@@ -65,10 +65,18 @@ typedef struct o4g_gemm_args {
     int32_t splits;          /* O4G_PATH_WGMMA: blocks of a cluster that split K (1..8) */
 } o4g_gemm_args;
 
+/* The wgmma block shapes (instances/wgmma_b4.cu) and the largest K split. */
+#define O4G_WGMMA_TILES 6
+#define O4G_WGMMA_MAX_SPLITS 8
+
 /* What the dispatch needs to know of a device, read once. */
 typedef struct o4g_device_caps {
     int32_t major, minor;    /* compute capability (ROCm: gcnArch major/minor) */
     int32_t sms;             /* multiprocessors */
+    /* Hopper builds on cc 9.0: clusters of the wgmma block shape `tile` split
+     * `splits` ways that fit on the device at once (cudaOccupancyMaxActiveClusters,
+     * which knows how the GPCs pack them); 0 elsewhere. */
+    int32_t wgmma_cluster_slots[O4G_WGMMA_TILES][O4G_WGMMA_MAX_SPLITS];
 } o4g_device_caps;
 
 int o4g_get_device_caps(int32_t device, o4g_device_caps *caps);

@@ -56,6 +56,26 @@ pub struct DeviceCaps {
     /// The build carries sm_90a code and the device is compute capability 9.0.
     pub wgmma: bool,
     pub sms: usize,
+    /// Clusters of wgmma block shape t split s ways resident at once, at
+    /// [t][s - 1], as the device reports them (0: not asked, see `cluster_slots`).
+    pub wgmma_cluster_slots: [[u16; WGMMA_MAX_SPLITS]; WGMMA_TILES.len()],
+}
+
+impl DeviceCaps {
+    /// A device known only by its SM count (tests, and devices without wgmma).
+    pub const fn with_sms(wgmma: bool, sms: usize) -> DeviceCaps {
+        DeviceCaps { wgmma, sms, wgmma_cluster_slots: [[0; WGMMA_MAX_SPLITS]; WGMMA_TILES.len()] }
+    }
+
+    /// Clusters of `tile` split `splits` ways that run at once. The device's
+    /// answer knows how its GPCs pack clusters (on the H200, 32 clusters of 4
+    /// do not fit at once where 42 of 3 do); without it, an even share of the SMs.
+    pub fn cluster_slots(&self, tile: usize, splits: usize) -> usize {
+        match self.wgmma_cluster_slots[tile][splits - 1] {
+            0 => (self.sms * WGMMA_TILES[tile].blocks_per_sm / splits).max(1),
+            known => known as usize,
+        }
+    }
 }
 
 /// The Hopper kernel's block shapes, in the order of csrc/gptq/instances/wgmma_b4.cu,
@@ -66,30 +86,25 @@ pub struct WgmmaTile {
     pub tokens: usize,
     /// k per pipeline stage.
     pub stage_k: usize,
-    /// Blocks per SM the K split aims for.
-    pub target_per_sm: usize,
-    /// Most cluster blocks that split K.
-    pub max_splits: usize,
+    /// Blocks resident per SM (the kernel's launch bounds).
+    pub blocks_per_sm: usize,
 }
 
-/// Split targets measured on the H200 (benchmarks/NOTES.md, "wgmma split
-/// sweep"; Llama-2-7B layers 4096x4096, 4096x22016, 11008x4096): up to 64
-/// rows, K split until the blocks fill 2 (16 rows) or 1 (64 rows) per SM
-/// gave the fastest of splits 1/2/4/8 on every layer; from 128 rows a split
-/// in two was fastest or within 6% everywhere, and more splits cost more.
+/// Block shapes: the smallest that holds a call's rows serves it (256 rows
+/// per block beyond).
 pub const WGMMA_TILES: [WgmmaTile; 6] = [
-    WgmmaTile { tokens: 8, stage_k: 128, target_per_sm: 2, max_splits: 8 },
-    WgmmaTile { tokens: 16, stage_k: 128, target_per_sm: 2, max_splits: 8 },
-    WgmmaTile { tokens: 32, stage_k: 128, target_per_sm: 1, max_splits: 8 },
-    WgmmaTile { tokens: 64, stage_k: 128, target_per_sm: 1, max_splits: 8 },
-    WgmmaTile { tokens: 128, stage_k: 64, target_per_sm: 2, max_splits: 2 },
-    WgmmaTile { tokens: 256, stage_k: 64, target_per_sm: 2, max_splits: 2 },
+    WgmmaTile { tokens: 8, stage_k: 128, blocks_per_sm: 1 },
+    WgmmaTile { tokens: 16, stage_k: 128, blocks_per_sm: 1 },
+    WgmmaTile { tokens: 32, stage_k: 128, blocks_per_sm: 1 },
+    WgmmaTile { tokens: 64, stage_k: 128, blocks_per_sm: 1 },
+    WgmmaTile { tokens: 128, stage_k: 64, blocks_per_sm: 1 },
+    WgmmaTile { tokens: 256, stage_k: 64, blocks_per_sm: 1 },
 ];
 
 /// Below this many rows the mma.sync decode kernel (gemm_mma.cuh) is faster
-/// than the wgmma family on the H200 (Llama-2-7B layers summed: M=1 58 us
-/// against 120 with the first wgmma kernel), so Hopper keeps it there.
-pub const WGMMA_MIN_ROWS: usize = 9;
+/// than the wgmma family on the H200 (Llama-2-7B layers summed: M=1 57 us
+/// against 120; M=16 105 against 120), so Hopper keeps it there.
+pub const WGMMA_MIN_ROWS: usize = 17;
 
 /// Columns per wgmma block: two consumer warpgroups of 64.
 pub const WGMMA_COLUMNS: usize = 128;
@@ -137,18 +152,35 @@ pub fn tuned_wgmma_plan(plan: WgmmaPlan, k: usize) -> Result<WgmmaPlan> {
     Ok(tuned)
 }
 
-/// The smallest block that holds all rows (256 rows per block beyond), then
-/// K split over cluster blocks until the blocks reach the tile's target per
-/// SM: a layer with few column tiles (4096 columns: 32) would otherwise stream
-/// its weights through a quarter of the GPU. Each block keeps at least two stages.
-pub fn wgmma_plan(m: usize, n: usize, k: usize, sms: usize) -> WgmmaPlan {
+/// The smallest block that holds all rows (256 rows per block beyond), and
+/// the K split whose waves finish first (`plan_cost`). Each block keeps at
+/// least two stages.
+pub fn wgmma_plan(m: usize, n: usize, k: usize, caps: &DeviceCaps) -> WgmmaPlan {
     let tile = WGMMA_TILES.iter().position(|t| t.tokens >= m).unwrap_or(WGMMA_TILES.len() - 1);
     let shape = WGMMA_TILES[tile];
     let blocks = n.div_ceil(WGMMA_COLUMNS) * m.max(1).div_ceil(shape.tokens);
     let stages = k / shape.stage_k;
-    let wanted = ((sms * shape.target_per_sm) as f64 / blocks as f64).round() as usize;
-    let splits = wanted.clamp(1, shape.max_splits.min(WGMMA_MAX_SPLITS)).min((stages / 2).max(1));
+    let most = WGMMA_MAX_SPLITS.min((stages / 2).max(1));
+    let cost = |splits: usize| plan_cost(blocks, stages, splits, caps.cluster_slots(tile, splits), shape.tokens);
+    let splits = (2..=most).fold(1, |best, splits| if cost(splits) < cost(best) { splits } else { best });
     WgmmaPlan { tile, splits }
+}
+
+/// Stages a block spends beyond its share of K: filling the ring and draining it.
+const WGMMA_FILL_STAGES: f64 = 3.0;
+
+/// Modeled time of a plan, in stages: the output tiles run in waves of
+/// `slots` clusters, each wave as long as one block's share of K plus the
+/// fill, plus the cluster's reduction (each further rank adds a partial
+/// tile of `tokens` x 128 fp32 through distributed shared memory, about a
+/// stage per 64 tokens). It ranks the splits of every layer in the H200
+/// sweep as measured (benchmarks/NOTES.md, "whole waves"): 4096 columns at
+/// 64 rows (32 tiles): 3 < 6 < 2 < 8 < 4 < 1, where 4 loses because 32
+/// clusters of 4 need two waves.
+pub fn plan_cost(blocks: usize, stages: usize, splits: usize, slots: usize, tokens: usize) -> f64 {
+    let waves = blocks.div_ceil(slots.max(1));
+    let reduction = (splits - 1) as f64 * tokens as f64 / 64.0;
+    waves as f64 * (stages as f64 / splits as f64 + WGMMA_FILL_STAGES + reduction)
 }
 
 /// The paper's ablation: vLLM 0.3.3's kernel and the three optimizations.
@@ -390,7 +422,7 @@ mod tests {
         caps: None,
     };
     const ALT: Facts = Facts { use_exllama: false, has_g_idx: true, ..EXLLAMA };
-    const HOPPER: DeviceCaps = DeviceCaps { wgmma: true, sms: 132 };
+    const HOPPER: DeviceCaps = DeviceCaps::with_sms(true, 132);
 
     #[test]
     fn table_follows_vllm_row_limits() {
@@ -448,7 +480,7 @@ mod tests {
     #[test]
     fn hopper_takes_every_row_count_where_its_kernel_applies() {
         let hopper = Facts { variant_named: false, caps: Some(HOPPER), ..EXLLAMA };
-        for m in [WGMMA_MIN_ROWS, 16, 64, 192, 193, 1024, 4096] {
+        for m in [WGMMA_MIN_ROWS, 32, 64, 192, 193, 1024, 4096] {
             assert_eq!(choose_path(&shape(m, 4, 32), &hopper), KernelPath::Wgmma, "m={m}");
         }
         // Below that the mma.sync decode kernel (CUDA builds) is faster.
@@ -457,7 +489,7 @@ mod tests {
         // A named variant, a permutation the kernel would have to gather, or another GPU: not wgmma.
         assert_ne!(choose_path(&shape(4, 4, 32), &Facts { variant_named: true, ..hopper }), KernelPath::Wgmma);
         assert_ne!(choose_path(&shape(4, 4, 32), &Facts { has_perm: true, ..hopper }), KernelPath::Wgmma);
-        let ampere = Facts { caps: Some(DeviceCaps { wgmma: false, sms: 108 }), ..hopper };
+        let ampere = Facts { caps: Some(DeviceCaps::with_sms(false, 108)), ..hopper };
         assert_ne!(choose_path(&shape(4, 4, 32), &ampere), KernelPath::Wgmma);
         assert!(check_forced_path(KernelPath::Wgmma, &shape(4, 4, 32), &ampere).is_err());
         // 8-bit weights have no wgmma kernel yet.
@@ -465,23 +497,36 @@ mod tests {
     }
 
     #[test]
-    fn wgmma_plan_fills_the_gpu_with_whole_blocks() {
-        // Llama-2-7B at M=1: 4096 columns are 32 column tiles, split K 8 ways (256 blocks, 2 per SM).
-        assert_eq!(wgmma_plan(1, 4096, 4096, 132), WgmmaPlan { tile: 0, splits: 8 });
-        // Wide layers need less.
-        assert_eq!(wgmma_plan(1, 22016, 4096, 132), WgmmaPlan { tile: 0, splits: 2 });
-        assert_eq!(wgmma_plan(64, 4096, 4096, 132), WgmmaPlan { tile: 3, splits: 4 });
-        assert_eq!(wgmma_plan(64, 22016, 4096, 132), WgmmaPlan { tile: 3, splits: 1 });
-        assert_eq!(wgmma_plan(128, 4096, 4096, 132), WgmmaPlan { tile: 4, splits: 2 });
+    fn wgmma_plan_splits_k_into_the_waves_that_finish_first() {
+        let plan = |m, n, k| wgmma_plan(m, n, k, &HOPPER);
+        // 4096 columns are 32 column tiles: split K until they fill the GPU.
+        assert_eq!(plan(1, 4096, 4096), WgmmaPlan { tile: 0, splits: 4 });
+        assert_eq!(plan(64, 4096, 4096), WgmmaPlan { tile: 3, splits: 4 });
+        // ... unless the device says 32 clusters of 4 do not fit at once (the H200).
+        let mut h200 = HOPPER;
+        h200.wgmma_cluster_slots[3][3] = 31;
+        assert_eq!(wgmma_plan(64, 4096, 4096, &h200), WgmmaPlan { tile: 3, splits: 3 });
+        // 172 tiles (22016 columns) at 128 rows: 3 waves of halves beat 2 of wholes.
+        assert_eq!(plan(128, 22016, 4096), WgmmaPlan { tile: 4, splits: 2 });
+        // Many tiles: the reduction costs more than the last wave's idle SMs.
+        assert_eq!(plan(1024, 4096, 4096), WgmmaPlan { tile: 5, splits: 1 });
+        assert_eq!(plan(1024, 22016, 4096), WgmmaPlan { tile: 5, splits: 1 });
         // Row tiles: the smallest block that holds M, 256 rows per block beyond.
-        assert_eq!(wgmma_plan(9, 4096, 4096, 132).tile, 1);
-        assert_eq!(wgmma_plan(100, 4096, 4096, 132).tile, 4);
-        assert_eq!(wgmma_plan(1024, 4096, 4096, 132), WgmmaPlan { tile: 5, splits: 2 });
-        assert_eq!(wgmma_plan(1024, 22016, 4096, 132), WgmmaPlan { tile: 5, splits: 1 });
+        assert_eq!(plan(9, 4096, 4096).tile, 1);
+        assert_eq!(plan(100, 4096, 4096).tile, 4);
         // Every block keeps at least two stages of K.
-        assert_eq!(wgmma_plan(1, 128, 256, 132).splits, 1);
+        assert_eq!(plan(1, 128, 256).splits, 1);
         for (index, tile) in WGMMA_TILES.iter().enumerate() {
-            assert_eq!(wgmma_plan(tile.tokens, 4096, 4096, 132).tile, index);
+            assert_eq!(plan(tile.tokens, 4096, 4096).tile, index);
         }
+    }
+
+    #[test]
+    fn a_wave_costs_its_longest_block() {
+        // 33 blocks on 32 slots take two waves: twice one wave's time.
+        assert_eq!(plan_cost(33, 32, 1, 32, 64), 2.0 * plan_cost(32, 32, 1, 32, 64));
+        // Splitting shortens the blocks' K share and adds a reduction.
+        assert!(plan_cost(32, 32, 2, 32, 64) < plan_cost(32, 32, 1, 32, 64));
+        assert!(plan_cost(32, 32, 2, 32, 256) > plan_cost(32, 32, 2, 32, 16));
     }
 }

@@ -36,6 +36,7 @@ struct DeviceCapsC {
     major: i32,
     minor: i32,
     sms: i32,
+    wgmma_cluster_slots: [[i32; crate::dispatch::WGMMA_MAX_SPLITS]; crate::dispatch::WGMMA_TILES.len()],
 }
 
 unsafe extern "C" {
@@ -153,11 +154,16 @@ pub fn device_caps(device: i32) -> Result<crate::dispatch::DeviceCaps> {
     }
     let mut raw = DeviceCapsC::default();
     status(unsafe { o4g_get_device_caps(device, &mut raw) }, "device query")?;
-    let caps = crate::dispatch::DeviceCaps {
-        // sm_90a device code runs on compute capability 9.0 only.
-        wgmma: env!("O4G_WGMMA") == "1" && raw.major == 9 && raw.minor == 0,
-        sms: raw.sms.max(1) as usize,
-    };
+    // sm_90a device code runs on compute capability 9.0 only.
+    let mut caps = crate::dispatch::DeviceCaps::with_sms(
+        env!("O4G_WGMMA") == "1" && raw.major == 9 && raw.minor == 0,
+        raw.sms.max(1) as usize,
+    );
+    for (known, reported) in caps.wgmma_cluster_slots.iter_mut().zip(raw.wgmma_cluster_slots) {
+        for (slots, clusters) in known.iter_mut().zip(reported) {
+            *slots = clusters.clamp(0, u16::MAX as i32) as u16;
+        }
+    }
     cache.push((device, caps));
     Ok(caps)
 }

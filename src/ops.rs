@@ -188,8 +188,8 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
         }
         _ => {
             let plan = if path == KernelPath::Wgmma {
-                let sms = facts.caps.map_or(1, |caps| caps.sms);
-                tuned_wgmma_plan(wgmma_plan(shape.m, shape.n, shape.k, sms), shape.k)?
+                let caps = facts.caps.unwrap_or(DeviceCaps::with_sms(true, 1));
+                tuned_wgmma_plan(wgmma_plan(shape.m, shape.n, shape.k, &caps), shape.k)?
             } else {
                 WgmmaPlan { tile: 0, splits: 1 }
             };

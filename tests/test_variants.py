@@ -108,7 +108,7 @@ def test_two_streams(variant):
     import torch
 
     problems = [shared_problem(m, 4096, 4096, 4, 128, False) for m in (1, 16)]
-    inputs = [[torch.from_numpy(x).cuda() for x in (p.a, p.t.qweight, p.t.qzeros, p.t.scales)] for p in problems]
+    inputs = [list(exllama_tensors_on_cuda(p)[:4]) for p in problems]
     eager = []
     for args in inputs:
         eager.append(opt4gptq.gptq_gemm(*args, None, True, 4).clone())
@@ -136,7 +136,7 @@ def engine_gemm(problem, variant, workspace):
     from opt4gptq._frameworks import capsule, launch_for
 
     t = problem.t
-    a, qweight, zeros, scales = (torch.from_numpy(x).cuda() for x in (problem.a, t.qweight, t.qzeros, t.scales))
+    a, qweight, zeros, scales, _ = exllama_tensors_on_cuda(problem)
     out = torch.full((problem.a.shape[0], t.n), float("nan"), dtype=torch.float16, device="cuda")
     launch = launch_for(a)
     kernel = _C.gemm(*(capsule(x, launch) for x in (a, qweight, zeros, scales)), None, capsule(out, launch), True, 4,

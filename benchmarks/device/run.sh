@@ -22,8 +22,10 @@ SUMMARY="$OUT/summary.txt"
 pytest_stage() {  # name limit files...
     local name=$1 limit=$2
     shift 2
+    local start=$SECONDS
     timeout "$limit" python3 -m pytest -q -p no:cacheprovider "$@" >"$OUT/pytest_$name.log" 2>&1
-    echo "$name (rc $?): $(tail -n 1 "$OUT/pytest_$name.log")" | tee -a "$SUMMARY"
+    echo "$name (rc $?, $((SECONDS - start)) s): $(tail -n 1 "$OUT/pytest_$name.log")" | tee -a "$SUMMARY"
+    grep -E "^(FAILED|ERROR)" "$OUT/pytest_$name.log" | head -n 15 | tee -a "$SUMMARY"
 }
 
 while [ $# -gt 0 ]; do
@@ -41,13 +43,14 @@ while [ $# -gt 0 ]; do
         shift
         timeout 200 python3 benchmarks/probes/wgmma_probe.py "$what" >"$OUT/probe_$what.log" 2>&1
         echo "probe $what rc $?" | tee -a "$SUMMARY"
-        tail -n 30 "$OUT/probe_$what.log" | tee -a "$SUMMARY"
+        tail -n 40 "$OUT/probe_$what.log" | tee -a "$SUMMARY"
         ;;
     ncu)  # K N M: one wgmma launch under Nsight Compute
         k=$1 n=$2 m=$3
         shift 3
         timeout 200 ncu --clock-control none -k regex:gemm_wgmma -c 1 --section SpeedOfLight --section Occupancy \
             --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+            --section SourceCounters --import-source no \
             python3 benchmarks/probes/wgmma_probe.py once "$k" "$n" "$m" >"$OUT/ncu_${k}x${n}_m$m.txt" 2>&1
         echo "ncu $k x $n M=$m rc $?" | tee -a "$SUMMARY"
         grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \\(SM\\)|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Registers Per|Achieved Occupancy|Stall" "$OUT/ncu_${k}x${n}_m$m.txt" | head -n 24 | tee -a "$SUMMARY"

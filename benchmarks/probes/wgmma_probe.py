@@ -101,30 +101,39 @@ def median_us(fn, reps=30):
     return float(np.median(times))
 
 
-def sweep():
+SWEEP_SPLITS = (1, 2, 3, 4, 6, 8)
+
+
+def sweep(ms=(16, 32, 64, 128, 256, 1024)):
+    """Per layer: the plan, every K split, the mma.sync kernel (up to 64 rows)
+    and cuBLAS on the dense fp16 weights, microseconds per call."""
     for k, n in ((4096, 4096), (4096, 22016), (11008, 4096)):
         sets = []
-        for s in range(6):  # rotate past the L2
+        for s in range(4):  # rotate past the L2
             t, _, dev, _ = problem(k, n, 1, 10 + s)
             sets.append(dev)
-        for m in (1, 16, 64, 128, 256):
+        dense = torch.randn(k, n, dtype=torch.float16, device="cuda")
+        for m in ms:
             a = torch.randn(m, k, dtype=torch.float16, device="cuda")
             out = torch.empty(m, n, dtype=torch.float16, device="cuda")
             row = []
-            for tuning in (None, "splits=1", "splits=2", "splits=4", "splits=8"):
+            for tuning in (None,) + tuple(f"splits={s}" for s in SWEEP_SPLITS):
                 if tuning:
                     os.environ["OPT4GPTQ_WGMMA_TUNING"] = tuning
                 else:
                     os.environ.pop("OPT4GPTQ_WGMMA_TUNING", None)
                 try:
                     us = median_us(lambda: [opt4gptq.gptq_gemm(a, *d, None, True, 4, out=out, path="wgmma") for d in sets]) / len(sets)
-                    row.append(f"{tuning or 'plan'} {us:7.1f}")
-                except Exception as error:  # noqa: BLE001
-                    row.append(f"{tuning}: {error}")
+                    row.append(f"{(tuning or 'plan').replace('splits=', 's')} {us:6.1f}")
+                except Exception:  # noqa: BLE001
+                    row.append(f"{tuning} -")
             os.environ.pop("OPT4GPTQ_WGMMA_TUNING", None)
-            mma = median_us(lambda: [opt4gptq.gptq_gemm(a, *d, None, True, 4, out=out, path="mma") for d in sets]) / len(sets)
-            weight_mb = k * n / 2 / 1e6
-            print(f"{k}x{n} M={m:4d} ({weight_mb:.1f} MB): " + " | ".join(row) + f" | mma {mma:7.1f}", flush=True)
+            if m <= 64:
+                mma = median_us(lambda: [opt4gptq.gptq_gemm(a, *d, None, True, 4, out=out, path="mma") for d in sets]) / len(sets)
+                row.append(f"mma {mma:6.1f}")
+            cublas = median_us(lambda: torch.matmul(a, dense, out=out))
+            row.append(f"cuBLAS {cublas:6.1f}")
+            print(f"{k}x{n} M={m:4d}: " + " | ".join(row), flush=True)
 
 
 def once(k, n, m):

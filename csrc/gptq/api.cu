@@ -228,6 +228,25 @@ extern "C" int o4g_device_count(int32_t *count)
     return O4G_OK;
 }
 
+#if O4G_HAVE_WGMMA
+// The occupancy query runs on the current device: switch to `device` for it.
+static int wgmma_cluster_slots(int32_t device, o4g_device_caps *caps)
+{
+    int current = 0;
+    if (const int status = check(cudaGetDevice(&current), "current device"); status != O4G_OK) return status;
+    if (const int status = check(cudaSetDevice(device), "set device"); status != O4G_OK) return status;
+    int status = O4G_OK;
+    for (int tile = 0; tile < O4G_WGMMA_TILES && status == O4G_OK; ++tile)
+        for (int splits = 1; splits <= O4G_WGMMA_MAX_SPLITS && status == O4G_OK; ++splits) {
+            int clusters = 0;
+            status = check(o4g::wgmma_cluster_slots(device, tile, splits, &clusters), "wgmma cluster occupancy");
+            caps->wgmma_cluster_slots[tile][splits - 1] = clusters;
+        }
+    (void)cudaSetDevice(current);
+    return status;
+}
+#endif
+
 extern "C" int o4g_get_device_caps(int32_t device, o4g_device_caps *caps)
 {
     if (!caps) return fail(O4G_ERR_ARGS, "null caps");
@@ -237,6 +256,11 @@ extern "C" int o4g_get_device_caps(int32_t device, o4g_device_caps *caps)
     caps->major = prop.major;
     caps->minor = prop.minor;
     caps->sms = prop.multiProcessorCount;
+    for (auto &row : caps->wgmma_cluster_slots)
+        for (int32_t &slots : row) slots = 0;
+#if O4G_HAVE_WGMMA
+    if (prop.major == 9 && prop.minor == 0) return wgmma_cluster_slots(device, caps);
+#endif
     return O4G_OK;
 }
 

@@ -38,6 +38,7 @@ template <int TOKENS, int STAGE_K, int STAGES, int MIN_BLOCKS>
 struct WgmmaShape {
     static_assert(TOKENS % 8 == 0 && TOKENS >= 8 && TOKENS <= 256, "wgmma takes N = 8..256 in steps of 8");
     static_assert(STAGE_K % 64 == 0, "whole 64-k activation boxes per stage");
+    static_assert(STAGES >= 3, "a stage's slot is released one stage late (two wgmma groups in flight)");
     static constexpr int kTokens = TOKENS;
     static constexpr int kStageK = STAGE_K;
     static constexpr int kStages = STAGES;
@@ -300,16 +301,17 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
     };
 
     // The wgmmas read their A registers asynchronously, until a wait retires
-    // their group: the stage's fragments may be rewritten only after that, so
-    // each stage ends in a full wait (ptxas serializes every wgmma where a
-    // register they read is rewritten earlier). The stage's wgmmas still run
-    // while this warpgroup reads the next stage's shared memory, and while the
-    // other warpgroup dequantizes.
+    // their group, so consecutive stages dequantize into two register sets in
+    // turn: stage s writes set s % 2 while stage s - 1's wgmmas (set 1 - s % 2)
+    // still run, and waits only for those (wgmma_wait<1>) after issuing its
+    // own and reading stage s + 1's shared memory. Set s % 2 is rewritten at
+    // stage s + 2, after stage s's group retired in the wait of stage s + 1.
+    // A slot is released once the wgmmas that read its activations retired:
+    // stage s - 1's, after stage s's wait.
     StageReads reads{};
-    if (stages > 0) read_stage(0, reads);
-    for (int s = 0; s < stages; ++s) {
+    uint32_t a[2][S::kSteps][4];
+    const auto run_stage = [&](int s, uint32_t(&fragments)[S::kSteps][4]) {
         const StageReads r = reads;
-        uint32_t a[S::kSteps][4];
 #pragma unroll
         for (int pack = 0; pack < S::kPacks; ++pack) {
             if (group_start & (1u << pack)) {
@@ -321,8 +323,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
             const PackFragments f = dequant_pack(r.words[pack].x, r.words[pack].y, q0, q1);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                a[2 * pack][i] = f.step[0][i];
-                a[2 * pack + 1][i] = f.step[1][i];
+                fragments[2 * pack][i] = f.step[0][i];
+                fragments[2 * pack + 1][i] = f.step[1][i];
             }
         }
         const uint32_t activations = ring + (s % S::kStages) * S::kStageBytes + S::kWeightBytes;
@@ -330,15 +332,23 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
 #pragma unroll
         for (int step = 0; step < S::kSteps; ++step) {
             const uint32_t b = activations + (step / 4) * S::kActivationBoxBytes + (step % 4) * 32;
-            isa::Wgmma<S::kTokens>::run(acc, a[step], isa::swizzled_k_major_descriptor(b));
+            isa::Wgmma<S::kTokens>::run(acc, fragments[step], isa::swizzled_k_major_descriptor(b));
         }
         isa::wgmma_commit();
         if (s + 1 < stages) read_stage(s + 1, reads);
-        isa::wgmma_wait<0>();
-        // The stage's weights were read into registers, its activations by the
-        // retired wgmmas: the slot may be refilled.
-        if (lane == 0) isa::barrier_arrive(empty_barriers + 8 * (s % S::kStages));
+        isa::wgmma_wait<1>();
+        if (s > 0 && lane == 0) isa::barrier_arrive(empty_barriers + 8 * ((s - 1) % S::kStages));
+    };
+    // Whole pairs in the loop (ptxas serializes every wgmma of a loop whose
+    // second stage is conditional); an odd count starts with one stage alone.
+    if (stages > 0) read_stage(0, reads);
+    int s = 0;
+    if (stages % 2 == 1) run_stage(s++, a[1]);
+    for (; s < stages; s += 2) {
+        run_stage(s, a[0]);
+        run_stage(s + 1, a[1]);
     }
+    isa::wgmma_wait<0>();
     __syncwarp();
 
     // ---- epilogue: add the cluster's K ranges in rank order, round once ----
@@ -388,6 +398,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
 // ones gathered first), n a multiple of 128... (see launch_wgmma).
 // Defined in instances/wgmma_b4.cu.
 cudaError_t launch_wgmma(const GemmParams &p, int tile, int splits, cudaStream_t stream);
+// Clusters of block shape `tile`, `splits` blocks each, resident at once on `device`.
+cudaError_t wgmma_cluster_slots(int device, int tile, int splits, int *clusters);
 
 }  // namespace o4g
 #endif  // O4G_HAVE_WGMMA

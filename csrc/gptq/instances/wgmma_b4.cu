@@ -14,8 +14,8 @@ constexpr int kMaxDevices = 64;
 
 // The block shapes, indexed by o4g_gemm_args.tile (src/plan.rs, WGMMA_TILES
 // mirrors this list: tokens, stage k, stages, blocks per SM).
-using Tile8 = WgmmaShape<8, 128, 4, 2>;
-using Tile16 = WgmmaShape<16, 128, 4, 2>;
+using Tile8 = WgmmaShape<8, 128, 4, 1>;
+using Tile16 = WgmmaShape<16, 128, 4, 1>;
 using Tile32 = WgmmaShape<32, 128, 4, 1>;
 using Tile64 = WgmmaShape<64, 128, 4, 1>;
 using Tile128 = WgmmaShape<128, 64, 6, 1>;
@@ -55,18 +55,48 @@ cudaError_t encode_2d(CUtensorMap &map, CUtensorMapDataType type, const void *ba
     return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// The kernel may use more than 48 KB of shared memory: opt in once per device.
+template <typename S>
+cudaError_t opt_in_shared(int device)
+{
+    static bool done[kMaxDevices];
+    if (device >= 0 && device < kMaxDevices && done[device]) return cudaSuccess;
+    const cudaError_t error =
+        cudaFuncSetAttribute(gemm_wgmma_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes);
+    if (error == cudaSuccess && device >= 0 && device < kMaxDevices) done[device] = true;
+    return error;
+}
+
+cudaLaunchAttribute cluster_of(int splits)
+{
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = static_cast<unsigned>(splits);
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    return cluster;
+}
+
+template <typename S>
+cudaError_t cluster_slots_of(int device, int splits, int *clusters)
+{
+    if (const cudaError_t error = opt_in_shared<S>(device); error != cudaSuccess) return error;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(splits));
+    config.blockDim = dim3(S::kThreads);
+    config.dynamicSmemBytes = S::kSharedBytes;
+    cudaLaunchAttribute cluster = cluster_of(splits);
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    return cudaOccupancyMaxActiveClusters(clusters, gemm_wgmma_kernel<S>, &config);
+}
+
 template <typename S>
 cudaError_t launch_shape(const GemmParams &p, int splits, cudaStream_t stream)
 {
-    static bool shared_opt_in[kMaxDevices];
     int device = 0;
     if (const cudaError_t error = cudaGetDevice(&device); error != cudaSuccess) return error;
-    if (device >= 0 && device < kMaxDevices && !shared_opt_in[device]) {
-        const cudaError_t error =
-            cudaFuncSetAttribute(gemm_wgmma_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes);
-        if (error != cudaSuccess) return error;
-        shared_opt_in[device] = true;
-    }
+    if (const cudaError_t error = opt_in_shared<S>(device); error != cudaSuccess) return error;
 
     CUtensorMap weight_map, activation_map;
     // qweight as int32 [k / 8, n]: boxes of 32 columns x (stage k / 8) word rows.
@@ -98,19 +128,28 @@ cudaError_t launch_shape(const GemmParams &p, int splits, cudaStream_t stream)
     config.blockDim = dim3(S::kThreads);
     config.dynamicSmemBytes = S::kSharedBytes;
     config.stream = stream;
-    cudaLaunchAttribute cluster[1];
+    cudaLaunchAttribute cluster = cluster_of(splits);
     if (splits > 1) {
-        cluster[0].id = cudaLaunchAttributeClusterDimension;
-        cluster[0].val.clusterDim.x = static_cast<unsigned>(splits);
-        cluster[0].val.clusterDim.y = 1;
-        cluster[0].val.clusterDim.z = 1;
-        config.attrs = cluster;
+        config.attrs = &cluster;
         config.numAttrs = 1;
     }
     return cudaLaunchKernelEx(&config, gemm_wgmma_kernel<S>, weight_map, activation_map, w);
 }
 
 }  // namespace
+
+cudaError_t wgmma_cluster_slots(int device, int tile, int splits, int *clusters)
+{
+    switch (tile) {
+    case 0: return cluster_slots_of<Tile8>(device, splits, clusters);
+    case 1: return cluster_slots_of<Tile16>(device, splits, clusters);
+    case 2: return cluster_slots_of<Tile32>(device, splits, clusters);
+    case 3: return cluster_slots_of<Tile64>(device, splits, clusters);
+    case 4: return cluster_slots_of<Tile128>(device, splits, clusters);
+    case 5: return cluster_slots_of<Tile256>(device, splits, clusters);
+    default: return cudaErrorInvalidValue;
+    }
+}
 
 cudaError_t launch_wgmma(const GemmParams &p, int tile, int splits, cudaStream_t stream)
 {
