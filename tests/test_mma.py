@@ -95,14 +95,13 @@ def test_unaligned_activations_take_the_gather_loads(mma_kernel, cuda):
     import torch
 
     problem = make_problem(m=6, k=1024, n=256, bits=4, group_size=128, act_order=False, use_exllama=True)
-    t = problem.t
     # A column slice: row stride k + 8 halves, base pointer 2 bytes past an allocation boundary.
     wide = torch.zeros((6, 1024 + 9), dtype=torch.float16, device="cuda")
     wide[:, 1:1025] = torch.from_numpy(problem.a).cuda()
     a = wide[:, 1:1025]
     out = torch.full((6, 256), float("nan"), dtype=torch.float16, device="cuda")
-    args = [torch.from_numpy(x).cuda() for x in (t.qweight, t.qzeros, t.scales)]
-    opt4gptq.gptq_gemm(a, *args, None, True, 4, out=out, path="mma")
+    _, qweight, qzeros, scales, _ = exllama_tensors_on_cuda(problem)
+    opt4gptq.gptq_gemm(a, qweight, qzeros, scales, None, True, 4, out=out, path="mma")
     problem.kernel = opt4gptq.last_kernel()
     assert_matches_reference(out.cpu().numpy(), problem)
 

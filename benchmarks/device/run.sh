@@ -8,7 +8,7 @@
 #
 # Stages: env, wgmma-tests, gpu-tests (every GPU test file), mma-tests,
 # bench-quick (Llama-2-7B, few M, no peers), bench MODEL [M list] (with peers),
-# peers-smoke, selfcheck.
+# peers-smoke, selfcheck, pytest SELECTION, probe WHAT, ncu K N M.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/opt4gptq-out}
@@ -56,6 +56,10 @@ while [ $# -gt 0 ]; do
         grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \\(SM\\)|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Registers Per|Achieved Occupancy|Stall" "$OUT/ncu_${k}x${n}_m$m.txt" | head -n 24 | tee -a "$SUMMARY"
         ;;
     mma-tests) pytest_stage mma 300 -x tests/test_mma.py ;;
+    pytest)  # one pytest selection, e.g. tests/test_mma.py::test_name
+        pytest_stage "$(basename "${1%%::*}" .py)" 300 "$1"
+        shift
+        ;;
     gpu-tests) pytest_stage gpu 540 tests/test_wgmma.py tests/test_gpu.py tests/test_variants.py tests/test_errors.py \
         tests/test_torch_ops.py tests/test_gemm.py tests/test_shuffle.py ;;
     bench-quick)

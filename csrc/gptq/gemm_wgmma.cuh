@@ -77,6 +77,7 @@ struct WgmmaShape {
     static constexpr int kRingBytes = kStages * kStageBytes > kPartialBytes ? kStages * kStageBytes : kPartialBytes;
     static constexpr int kBarrierBytes = 2 * kStages * 8;
     static constexpr int kSharedBytes = 1024 + kRingBytes + kBarrierBytes;  // + alignment slack
+    static_assert(kSharedBytes <= 227 * 1024, "more shared memory than a Hopper block may have");
 
     // Bytes each stage's copies deliver (what the full barrier expects).
     static constexpr uint32_t kStageCopyBytes = kWeightBytes + kActivationBytes + kScaleBytes + kZeroBytes;

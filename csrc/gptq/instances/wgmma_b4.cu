@@ -14,12 +14,16 @@ constexpr int kMaxDevices = 64;
 
 // The block shapes, indexed by o4g_gemm_args.tile (src/plan.rs, WGMMA_TILES
 // mirrors this list: tokens, stage k, stages, blocks per SM).
-using Tile8 = WgmmaShape<8, 128, 4, 1>;
-using Tile16 = WgmmaShape<16, 128, 4, 1>;
-using Tile32 = WgmmaShape<32, 128, 4, 1>;
-using Tile64 = WgmmaShape<64, 128, 4, 1>;
-using Tile128 = WgmmaShape<128, 64, 6, 1>;
-using Tile256 = WgmmaShape<256, 64, 4, 1>;
+// Ring depth: as many stages as shared memory holds (up to 12). The kernel
+// streams its weights through that ring, so the stages in flight bound its
+// bandwidth: with 4 stages (2 in flight) the 64-row shape moved weights at
+// 0.7 TB/s on the H200 (benchmarks/NOTES.md, "deeper rings").
+using Tile8 = WgmmaShape<8, 128, 12, 1>;
+using Tile16 = WgmmaShape<16, 128, 12, 1>;
+using Tile32 = WgmmaShape<32, 128, 12, 1>;
+using Tile64 = WgmmaShape<64, 128, 8, 1>;
+using Tile128 = WgmmaShape<128, 64, 10, 1>;
+using Tile256 = WgmmaShape<256, 64, 6, 1>;
 
 // The driver's tensor-map encoder, found once through the runtime (no link
 // against libcuda: the wheel carries only the static runtime).
