@@ -8,7 +8,7 @@
 #
 # Stages: env, wgmma-tests, gpu-tests (every GPU test file), mma-tests,
 # bench-quick (Llama-2-7B, few M, no peers), bench MODEL [M list] (with peers),
-# peers-smoke, selfcheck, pytest SELECTION, probe WHAT, ncu K N M.
+# peers-smoke, selfcheck, pytest SELECTION, probe WHAT, ncu K N M, anatomy.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/opt4gptq-out}
@@ -54,6 +54,11 @@ while [ $# -gt 0 ]; do
             python3 benchmarks/probes/wgmma_probe.py once "$k" "$n" "$m" >"$OUT/ncu_${k}x${n}_m$m.txt" 2>&1
         echo "ncu $k x $n M=$m rc $?" | tee -a "$SUMMARY"
         grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \\(SM\\)|Issue Slots Busy|No Eligible|Active Warps Per|Eligible Warps|Registers Per|Achieved Occupancy|Stall" "$OUT/ncu_${k}x${n}_m$m.txt" | head -n 24 | tee -a "$SUMMARY"
+        ;;
+    anatomy)  # the kernel with parts switched off (benchmarks/probes/wgmma_anatomy.cu, built into .probe/)
+        timeout 200 .probe/wgmma_anatomy >"$OUT/anatomy.log" 2>&1
+        echo "anatomy rc $?" | tee -a "$SUMMARY"
+        cat "$OUT/anatomy.log" | tee -a "$SUMMARY"
         ;;
     mma-tests) pytest_stage mma 300 -x tests/test_mma.py ;;
     pytest)  # one pytest selection, e.g. tests/test_mma.py::test_name

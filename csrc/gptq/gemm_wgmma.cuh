@@ -15,10 +15,10 @@
 // two neighbouring columns, read with one 8-byte shared load.
 //
 // Block: two consumer warpgroups (warps 0-7, 64 columns each, the same
-// tokens) and one producer warp (warp 8) whose lane 0 only issues copies:
-// per stage a weight box per 32 columns, an activation box per 64 k, and the
-// scale and zero rows of each pack, all completing on the stage's "full"
-// barrier; consumers release a stage on its "empty" barrier once the wgmmas
+// tokens) and one producer warp (warp 8) that only copies: per stage one
+// tensor copy of the weights and one of the activations (lane 0), and the
+// scale and zero rows of the packs that start a group (16 bytes per lane),
+// all completing on the stage's "full" barrier; consumers release a stage on its "empty" barrier once the wgmmas
 // that read it have finished. K may be split over the blocks of a cluster:
 // each block accumulates its K range in fp32, and the ranges are added in
 // rank order through distributed shared memory. No atomics, no workspace:
@@ -79,8 +79,19 @@ struct WgmmaShape {
     static constexpr int kSharedBytes = 1024 + kRingBytes + kBarrierBytes;  // + alignment slack
     static_assert(kSharedBytes <= 227 * 1024, "more shared memory than a Hopper block may have");
 
-    // Bytes each stage's copies deliver (what the full barrier expects).
-    static constexpr uint32_t kStageCopyBytes = kWeightBytes + kActivationBytes + kScaleBytes + kZeroBytes;
+    // Parts switched off (Knockout bits), for timing what is left: only the
+    // development probe benchmarks/probes/wgmma_anatomy.cu derives shapes
+    // that set any; every shape the library launches keeps all parts.
+    static constexpr unsigned kKnockout = 0;
+};
+
+// What a probe shape may switch off (results are then wrong by design).
+enum Knockout : unsigned {
+    kNoMma = 1,              // consumers skip the wgmma instructions
+    kNoDequant = 2,          // consumers pass the raw words on as fragments
+    kNoScaleCopies = 4,      // the producer copies no scales or zeros; consumers read none
+    kNoWeightCopies = 8,     // the producer copies no weights
+    kIdleConsumers = 16,     // consumers only wait for each stage and release it
 };
 
 // What the host computes per call: the two tensor maps and the split.
@@ -211,9 +222,12 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
     const int first_stage = total_stages * rank / p.splits;
     const int stages = total_stages * (rank + 1) / p.splits - first_stage;
 
+    // Bytes the tensor copies of a stage deliver (the lanes' 16-byte copies
+    // are counted as arrivals instead).
+    constexpr uint32_t kExpectedBytes = (S::kKnockout & kNoWeightCopies ? 0 : S::kWeightBytes) + S::kActivationBytes;
     if (threadIdx.x == 0) {
         for (int s = 0; s < S::kStages; ++s) {
-            isa::barrier_init(full_barriers + 8 * s, 1);
+            isa::barrier_init(full_barriers + 8 * s, 1 + 32);  // lane 0's expect + every producer lane's copies
             isa::barrier_init(empty_barriers + 8 * s, S::kConsumerThreads / 32);
         }
         isa::barrier_init_fence();
@@ -221,34 +235,47 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
     __syncthreads();
 
     if (warp >= S::kConsumerThreads / 32) {
-        // ---- producer: one lane issues every copy of every stage ----
+        // ---- producer: one warp. Lane 0 issues the stage's two tensor copies
+        // (weights, activations); the scale and zero rows of the packs that
+        // start a group are copied by the lanes themselves, 16 bytes each,
+        // and every lane's copies count as one arrival on the stage's full
+        // barrier once they land. (A bulk copy per scale or zero row cost
+        // ~80 ns of the copy engine's time each, more than the weights:
+        // benchmarks/NOTES.md, "anatomy".)
         if constexpr (S::kRebalance) isa::release_registers<S::kProducerRegisters>();
-        if (warp == S::kConsumerThreads / 32 && lane == 0) {
+        if (warp == S::kConsumerThreads / 32) {
+            const uint32_t copied_packs = group_starts<S::kStageK>(p.group_size);
             for (int s = 0; s < stages; ++s) {
                 const int slot = s % S::kStages;
                 if (s >= S::kStages) isa::barrier_wait(empty_barriers + 8 * slot, ((s / S::kStages) - 1) & 1);
                 const uint32_t full = full_barriers + 8 * slot;
-                isa::barrier_arrive_expect(full, S::kStageCopyBytes);
                 const uint32_t stage = ring + slot * S::kStageBytes;
-                const int k0 = (first_stage + s) * S::kStageK;
-#pragma unroll
-                for (int box = 0; box < S::kColumns / 32; ++box)
-                    isa::tensor_copy_2d(stage + box * S::kWeightBoxBytes, &weight_map, static_cast<int32_t>(n0) + 32 * box,
-                                        k0 / 8, full);
                 const uint32_t activations = stage + S::kWeightBytes;
-#pragma unroll
-                for (int box = 0; box < S::kStageK / 64; ++box)
-                    isa::tensor_copy_2d(activations + box * S::kActivationBoxBytes, &activation_map, k0 + 64 * box,
-                                        static_cast<int32_t>(m0), full);
-                const uint32_t scales = activations + S::kActivationBytes;
-                const uint32_t zeros = scales + S::kScaleBytes;
-#pragma unroll
-                for (int pack = 0; pack < S::kPacks; ++pack) {
-                    const int64_t group = (k0 + 32 * pack) / p.group_size;
-                    isa::bulk_copy(scales + pack * S::kColumns * 2, p.scales + group * p.n + n0, S::kColumns * 2, full);
-                    isa::bulk_copy(zeros + pack * S::kColumns / 2, p.qzeros + group * p.zero_words + n0 / 8,
-                                   S::kColumns / 2, full);
+                const int k0 = (first_stage + s) * S::kStageK;
+                if (lane == 0) {
+                    isa::barrier_arrive_expect(full, kExpectedBytes);
+                    if constexpr (!(S::kKnockout & kNoWeightCopies))
+                        isa::tensor_copy_3d(stage, &weight_map, 0, k0 / 8, static_cast<int32_t>(n0 / 32), full);
+                    isa::tensor_copy_3d(activations, &activation_map, 0, static_cast<int32_t>(m0), k0 / 64, full);
                 }
+                if constexpr (!(S::kKnockout & kNoScaleCopies)) {
+                    const uint32_t scales = activations + S::kActivationBytes;
+                    const uint32_t zeros = scales + S::kScaleBytes;
+                    constexpr int kScaleChunks = S::kColumns * 2 / 16, kZeroChunks = S::kColumns / 2 / 16;
+                    static_assert(kScaleChunks + kZeroChunks <= 32, "one 16-byte chunk per lane");
+#pragma unroll
+                    for (int pack = 0; pack < S::kPacks; ++pack) {
+                        if (!(copied_packs & (1u << pack))) continue;
+                        const int64_t group = (k0 + 32 * pack) / p.group_size;
+                        if (lane < kScaleChunks)
+                            isa::copy_async_16B(scales + pack * S::kColumns * 2 + 16 * lane,
+                                                p.scales + group * p.n + n0 + 8 * lane);
+                        else if (lane < kScaleChunks + kZeroChunks)
+                            isa::copy_async_16B(zeros + pack * S::kColumns / 2 + 16 * (lane - kScaleChunks),
+                                                p.qzeros + group * p.zero_words + n0 / 8 + 4 * (lane - kScaleChunks));
+                    }
+                }
+                isa::copy_async_arrive(full);
             }
         }
         __syncwarp();
@@ -294,7 +321,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
             const int row = 4 * pack + t;  // word row inside the stage's weight box
             r.words[pack] = isa::load_shared_8B(stage + weight_box * S::kWeightBoxBytes + row * 128 +
                                                 ((chunk ^ (row & 7)) * 16) + (g & 1) * 8);
-            if (group_start & (1u << pack)) {
+            if (!(S::kKnockout & kNoScaleCopies) && (group_start & (1u << pack))) {
                 r.scales[pack] = isa::load_shared_4B(scales + pack * S::kColumns * 2 + column * 2);
                 r.zeros[pack] = isa::load_shared_4B(zeros + pack * S::kColumns / 2 + (column / 8) * 4);
             }
@@ -315,13 +342,18 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
         const StageReads r = reads;
 #pragma unroll
         for (int pack = 0; pack < S::kPacks; ++pack) {
-            if (group_start & (1u << pack)) {
+            if (!(S::kKnockout & kNoScaleCopies) && (group_start & (1u << pack))) {
                 const uint32_t zero_nibbles = r.zeros[pack] >> (4 * (column % 8));
                 const __half2 scale2 = bits_half2(r.scales[pack]);
                 q0 = column_quant((zero_nibbles & 0xFu) + p.zero_offset, __low2half(scale2));
                 q1 = column_quant(((zero_nibbles >> 4) & 0xFu) + p.zero_offset, __high2half(scale2));
             }
-            const PackFragments f = dequant_pack(r.words[pack].x, r.words[pack].y, q0, q1);
+            PackFragments f;
+            if constexpr (S::kKnockout & kNoDequant) {
+                for (int i = 0; i < 4; ++i) f.step[0][i] = r.words[pack].x >> i, f.step[1][i] = r.words[pack].y >> i;
+            } else {
+                f = dequant_pack(r.words[pack].x, r.words[pack].y, q0, q1);
+            }
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 fragments[2 * pack][i] = f.step[0][i];
@@ -333,7 +365,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
 #pragma unroll
         for (int step = 0; step < S::kSteps; ++step) {
             const uint32_t b = activations + (step / 4) * S::kActivationBoxBytes + (step % 4) * 32;
-            isa::Wgmma<S::kTokens>::run(acc, fragments[step], isa::swizzled_k_major_descriptor(b));
+            if constexpr (!(S::kKnockout & kNoMma))
+                isa::Wgmma<S::kTokens>::run(acc, fragments[step], isa::swizzled_k_major_descriptor(b));
         }
         isa::wgmma_commit();
         if (s + 1 < stages) read_stage(s + 1, reads);
@@ -342,12 +375,19 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
     };
     // Whole pairs in the loop (ptxas serializes every wgmma of a loop whose
     // second stage is conditional); an odd count starts with one stage alone.
+    if constexpr (S::kKnockout & kIdleConsumers) {
+        for (int s = 0; s < stages; ++s) {
+            isa::barrier_wait(full_barriers + 8 * (s % S::kStages), (s / S::kStages) & 1);
+            if (lane == 0) isa::barrier_arrive(empty_barriers + 8 * (s % S::kStages));
+        }
+    } else {
     if (stages > 0) read_stage(0, reads);
     int s = 0;
     if (stages % 2 == 1) run_stage(s++, a[1]);
     for (; s < stages; s += 2) {
         run_stage(s, a[0]);
         run_stage(s + 1, a[1]);
+    }
     }
     isa::wgmma_wait<0>();
     __syncwarp();

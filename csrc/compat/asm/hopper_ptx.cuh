@@ -66,12 +66,29 @@ __device__ __forceinline__ void tensor_copy_2d(uint32_t destination, const void 
         : "memory");
 }
 
-// `bytes` (a multiple of 16) contiguous bytes, both ends 16-byte aligned.
-__device__ __forceinline__ void bulk_copy(uint32_t destination, const void *source, uint32_t bytes, uint32_t barrier)
+// A 3-D box (x innermost, then y, then z) into shared memory, laid out as
+// z slices of y rows of x elements.
+__device__ __forceinline__ void tensor_copy_3d(uint32_t destination, const void *map, int32_t x, int32_t y, int32_t z,
+                                               uint32_t barrier)
 {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 ::"r"(destination), "l"(source), "r"(bytes), "r"(barrier)
-                 : "memory");
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], "
+        "[%5];" ::"r"(destination),
+        "l"(map), "r"(x), "r"(y), "r"(z), "r"(barrier)
+        : "memory");
+}
+
+// 16 bytes by this thread's own asynchronous copy (cached in L2 only).
+__device__ __forceinline__ void copy_async_16B(uint32_t destination, const void *source)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(destination), "l"(source) : "memory");
+}
+
+// One arrival on the barrier once every asynchronous copy this thread has
+// issued so far has landed (counted in the barrier's expected arrivals).
+__device__ __forceinline__ void copy_async_arrive(uint32_t barrier)
+{
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(barrier) : "memory");
 }
 
 // ---- warpgroup MMA ordering ----

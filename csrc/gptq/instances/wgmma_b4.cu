@@ -41,21 +41,18 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder()
     return encoder;
 }
 
-// A 2-D row-major tensor (`rows` x `columns` elements of `bytes` each, rows
-// `row_bytes` apart) read in boxes of `box_columns` x `box_rows`, 128-byte
-// swizzled. Rows past the end read as zeros.
-cudaError_t encode_2d(CUtensorMap &map, CUtensorMapDataType type, const void *base, uint64_t columns, uint64_t rows,
-                      uint64_t row_bytes, uint32_t box_columns, uint32_t box_rows)
+// A 3-D tensor of `bytes`-sized elements (dims innermost first, strides in
+// bytes of dims 1 and 2) read in boxes of `box`, 128-byte swizzled. Elements
+// past the end read as zeros.
+cudaError_t encode_3d(CUtensorMap &map, CUtensorMapDataType type, const void *base, const cuuint64_t (&dims)[3],
+                      const cuuint64_t (&strides)[2], const cuuint32_t (&box)[3])
 {
     const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
     if (encode == nullptr) return cudaErrorNotSupported;
-    const cuuint64_t dims[2] = {columns, rows};
-    const cuuint64_t strides[1] = {row_bytes};
-    const cuuint32_t box[2] = {box_columns, box_rows};
-    const cuuint32_t element_strides[2] = {1, 1};
-    const CUresult result =
-        encode(&map, type, 2, const_cast<void *>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    const cuuint32_t element_strides[3] = {1, 1, 1};
+    const CUresult result = encode(&map, type, 3, const_cast<void *>(base), dims, strides, box, element_strides,
+                                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -102,17 +99,30 @@ cudaError_t launch_shape(const GemmParams &p, int splits, cudaStream_t stream)
     if (const cudaError_t error = cudaGetDevice(&device); error != cudaSuccess) return error;
     if (const cudaError_t error = opt_in_shared<S>(device); error != cudaSuccess) return error;
 
+    // One copy per stage and operand: a 3-D view whose outermost dimension
+    // steps between the 128-byte-wide boxes the swizzle allows, so the
+    // stage's boxes land one after another as separate 2-D boxes would.
     CUtensorMap weight_map, activation_map;
-    // qweight as int32 [k / 8, n]: boxes of 32 columns x (stage k / 8) word rows.
-    if (const cudaError_t error = encode_2d(weight_map, CU_TENSOR_MAP_DATA_TYPE_INT32, p.qweight, p.n, p.k / 8, p.n * 4,
-                                            32, S::kStageK / 8);
-        error != cudaSuccess)
-        return error;
-    // a as fp16 [m, k] with row stride lda: boxes of 64 k x kTokens rows.
-    if (const cudaError_t error = encode_2d(activation_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p.a, p.k, p.m, p.lda * 2, 64,
-                                            S::kTokens);
-        error != cudaSuccess)
-        return error;
+    // qweight as int32 [k / 8, n]: {32 columns, k / 8 word rows, n / 32 column blocks},
+    // box {32, stage k / 8, 128 / 32}.
+    {
+        const cuuint64_t dims[3] = {32, static_cast<cuuint64_t>(p.k / 8), static_cast<cuuint64_t>(p.n / 32)};
+        const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.n * 4), 128};
+        const cuuint32_t box[3] = {32, S::kStageK / 8, S::kColumns / 32};
+        if (const cudaError_t error = encode_3d(weight_map, CU_TENSOR_MAP_DATA_TYPE_INT32, p.qweight, dims, strides, box);
+            error != cudaSuccess)
+            return error;
+    }
+    // a as fp16 [m, k] with row stride lda: {64 k, m rows, k / 64 blocks},
+    // box {64, kTokens, stage k / 64}.
+    {
+        const cuuint64_t dims[3] = {64, static_cast<cuuint64_t>(p.m), static_cast<cuuint64_t>(p.k / 64)};
+        const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.lda * 2), 128};
+        const cuuint32_t box[3] = {64, S::kTokens, S::kStageK / 64};
+        if (const cudaError_t error = encode_3d(activation_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, p.a, dims, strides, box);
+            error != cudaSuccess)
+            return error;
+    }
 
     WgmmaParams w;
     w.scales = p.scales;
