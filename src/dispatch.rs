@@ -97,14 +97,17 @@ pub const WGMMA_TILES: [WgmmaTile; 6] = [
     WgmmaTile { tokens: 16, stage_k: 128, blocks_per_sm: 1 },
     WgmmaTile { tokens: 32, stage_k: 128, blocks_per_sm: 1 },
     WgmmaTile { tokens: 64, stage_k: 128, blocks_per_sm: 1 },
-    WgmmaTile { tokens: 128, stage_k: 64, blocks_per_sm: 1 },
+    WgmmaTile { tokens: 128, stage_k: 128, blocks_per_sm: 1 },
     WgmmaTile { tokens: 256, stage_k: 64, blocks_per_sm: 1 },
 ];
 
 /// Below this many rows the mma.sync decode kernel (gemm_mma.cuh) is faster
 /// than the wgmma family on the H200 (Llama-2-7B layers summed: M=1 57 us
-/// against 120; M=16 105 against 120), so Hopper keeps it there.
-pub const WGMMA_MIN_ROWS: usize = 17;
+/// against 120), so Hopper keeps it there. At 16 rows wgmma wins on the large
+/// layers since its two-tensor-copy stages (H200 sweep: 4096x22016 38.6 us
+/// against mma's 46.7, 11008x4096 22.0 against 22.4) and loses 0.5 us on
+/// 4096x4096 (11.4 against 10.9): benchmarks/NOTES.md, "mma or wgmma at 9-16 rows".
+pub const WGMMA_MIN_ROWS: usize = 9;
 
 /// Columns per wgmma block: two consumer warpgroups of 64.
 pub const WGMMA_COLUMNS: usize = 128;

@@ -1,6 +1,6 @@
 """The Hopper path (sm_90a builds on compute capability 9.0 devices): 4-bit
 weights in the tensor-core pack order served by warpgroup MMAs (wgmma), the
-default there for use_exllama=True calls of WGMMA_MIN_ROWS (17) rows and more
+default there for use_exllama=True calls of WGMMA_MIN_ROWS (9) rows and more
 that name no variant (below, the mma.sync decode kernel is faster). Every block
 shape is checked here through path="wgmma", also the ones for fewer rows. Same
 spec as every kernel: the float64 reference on fresh data, NaN-poisoned
@@ -144,10 +144,10 @@ def test_forced_wgmma_refuses_what_it_cannot_read(cuda):
     assert_matches_reference(out, problem)
 
 
-@pytest.mark.parametrize("m", [1, 8, 16, 17, 64, 1024])
+@pytest.mark.parametrize("m", [1, 8, 9, 16, 17, 64, 1024])
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
-def test_the_default_takes_wgmma_from_seventeen_rows(cuda, m, act_order):
+def test_the_default_takes_wgmma_from_nine_rows(cuda, m, act_order):
     problem = make_problem(m=m, k=1024, n=256, bits=4, group_size=128, act_order=act_order, use_exllama=True)
     out = run_op(problem, cuda, path=None)
-    assert problem.kernel == ("wgmma" if m >= 17 else "mma"), problem.describe()
+    assert problem.kernel == ("wgmma" if m >= 9 else "mma"), problem.describe()
     assert_matches_reference(out, problem)

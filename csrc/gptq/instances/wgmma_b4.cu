@@ -22,7 +22,7 @@ using Tile8 = WgmmaShape<8, 128, 12, 1>;
 using Tile16 = WgmmaShape<16, 128, 12, 1>;
 using Tile32 = WgmmaShape<32, 128, 12, 1>;
 using Tile64 = WgmmaShape<64, 128, 8, 1>;
-using Tile128 = WgmmaShape<128, 64, 10, 1>;
+using Tile128 = WgmmaShape<128, 128, 5, 1>;
 using Tile256 = WgmmaShape<256, 64, 6, 1>;
 
 // The driver's tensor-map encoder, found once through the runtime (no link
