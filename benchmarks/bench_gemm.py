@@ -85,7 +85,7 @@ def min_bytes(m: int, k: int, n: int, bits: int, group_size: int) -> int:
 
 
 INT4_LABEL = "torch int4"
-LABELS = {"path:default": "opt4gptq default (mma)", "torch_int4": INT4_LABEL, **peer_lib.LABELS}
+LABELS = {"path:default": "opt4gptq default", "torch_int4": INT4_LABEL, **peer_lib.LABELS}
 INT4_INNER_K_TILES = 8
 INT4_MAX_REL_ERR = 1e-2  # bf16 activations and bf16 scales/zeros: ~1e-3 expected; a wrong layout gives ~1
 

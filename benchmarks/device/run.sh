@@ -4,7 +4,10 @@
 # order, each under its own time limit, logs under $OUT. Prints a short
 # summary last.
 #
-#   bash benchmarks/device/run.sh wgmma-tests bench-quick gpu-tests
+#   OPT4GPTQ_COMMIT=<short hash> bash benchmarks/device/run.sh wgmma-tests bench-quick gpu-tests
+#
+# Name the commit in the command: the device's copy of .git can be stale, and
+# the benchmark JSON records OPT4GPTQ_COMMIT before git's HEAD.
 #
 # Stages: env, wgmma-tests, gpu-tests (every GPU test file), mma-tests,
 # bench-quick (Llama-2-7B, few M, no peers), bench MODEL [M list] (with peers),
