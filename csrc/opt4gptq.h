@@ -61,8 +61,9 @@ typedef struct o4g_gemm_args {
     int32_t variant;         /* o4g_variant_flag bits; O4G_PATH_EXLLAMA only. 0 = vLLM 0.3.3 baseline */
     int32_t device;          /* device ordinal the pointers live on */
     int32_t pack_order;      /* enum o4g_pack_order of qweight */
-    int32_t tile;            /* O4G_PATH_WGMMA: index of the block shape (src/dispatch.rs, WGMMA_TILES) */
-    int32_t splits;          /* O4G_PATH_WGMMA: blocks of a cluster that split K (1..8) */
+    int32_t tile;            /* O4G_PATH_WGMMA / O4G_PATH_MMA: index of the block shape (src/dispatch.rs,
+                                WGMMA_TILES / MMA_SHAPES); the Rust plan chooses it, the C side only maps it */
+    int32_t splits;          /* O4G_PATH_WGMMA / O4G_PATH_MMA (tiled shapes): blocks of a cluster that split K (1..8) */
 } o4g_gemm_args;
 
 /* The wgmma block shapes (instances/wgmma_b4.cu) and the largest K split. */

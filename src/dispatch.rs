@@ -56,6 +56,9 @@ pub struct DeviceCaps {
     /// The build carries sm_90a code and the device is compute capability 9.0.
     pub wgmma: bool,
     pub sms: usize,
+    /// Thread-block clusters (compute capability 9.0 and newer): the tiled
+    /// mma kernel may split K over a cluster's blocks.
+    pub clusters: bool,
     /// Clusters of wgmma block shape t split s ways resident at once, at
     /// [t][s - 1], as the device reports them (0: not asked, see `cluster_slots`).
     pub wgmma_cluster_slots: [[u16; WGMMA_MAX_SPLITS]; WGMMA_TILES.len()],
@@ -64,7 +67,7 @@ pub struct DeviceCaps {
 impl DeviceCaps {
     /// A device known only by its SM count (tests, and devices without wgmma).
     pub const fn with_sms(wgmma: bool, sms: usize) -> DeviceCaps {
-        DeviceCaps { wgmma, sms, wgmma_cluster_slots: [[0; WGMMA_MAX_SPLITS]; WGMMA_TILES.len()] }
+        DeviceCaps { wgmma, sms, clusters: wgmma, wgmma_cluster_slots: [[0; WGMMA_MAX_SPLITS]; WGMMA_TILES.len()] }
     }
 
     /// Clusters of `tile` split `splits` ways that run at once. The device's
@@ -184,6 +187,209 @@ pub fn plan_cost(blocks: usize, stages: usize, splits: usize, slots: usize, toke
     let waves = blocks.div_ceil(slots.max(1));
     let reduction = (splits - 1) as f64 * tokens as f64 / 64.0;
     waves as f64 * (stages as f64 / splits as f64 + WGMMA_FILL_STAGES + reduction)
+}
+
+/// The mma.sync kernels' block shapes, in the order of the switch in
+/// csrc/gptq/instances/mma_b4.cu (o4g_gemm_args.tile on the mma path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmaKernel {
+    /// The K-slice kernel (gemm_mma.cuh): `warps` warps per block, `col_warps`
+    /// of them side by side on 32-column strips (the others slice K), and
+    /// `token_tiles` tiles of 8 rows per block.
+    Slices { warps: usize, col_warps: usize, token_tiles: usize },
+    /// The tiled batch kernel (gemm_mma_tiled.cuh): 64 x 128 tiles, two
+    /// K-warps of `packs` 32-row packs each per stage (64 * packs of K), K
+    /// split over cluster blocks.
+    Tiled { packs: usize },
+}
+
+pub const MMA_SHAPES: [MmaKernel; 12] = [
+    MmaKernel::Slices { warps: 16, col_warps: 1, token_tiles: 1 },
+    MmaKernel::Slices { warps: 16, col_warps: 1, token_tiles: 2 },
+    MmaKernel::Slices { warps: 16, col_warps: 2, token_tiles: 1 },
+    MmaKernel::Slices { warps: 16, col_warps: 2, token_tiles: 2 },
+    MmaKernel::Slices { warps: 4, col_warps: 1, token_tiles: 2 },
+    MmaKernel::Slices { warps: 8, col_warps: 1, token_tiles: 2 },
+    MmaKernel::Slices { warps: 8, col_warps: 2, token_tiles: 2 },
+    MmaKernel::Slices { warps: 4, col_warps: 4, token_tiles: 2 },
+    MmaKernel::Slices { warps: 8, col_warps: 4, token_tiles: 2 },
+    MmaKernel::Slices { warps: 16, col_warps: 4, token_tiles: 2 },
+    MmaKernel::Tiled { packs: 1 },
+    MmaKernel::Tiled { packs: 2 },
+];
+
+/// Rows and columns of the tiled kernel's output tile; its largest K split.
+const MMA_TILE_ROWS: usize = 64;
+const MMA_TILE_COLUMNS: usize = 128;
+const MMA_MAX_SPLITS: usize = 8;
+
+/// Which mma.sync kernel and block shape serve a call (index into
+/// MMA_SHAPES), and over how many cluster blocks the tiled kernel splits K.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmaPlan {
+    pub shape: usize,
+    pub splits: usize,
+}
+
+/// What the mma plan needs to know besides the shape: whether the tiled
+/// kernel can read the operands (16-byte aligned activation rows without a
+/// permutation, 16-byte aligned scales and zeros).
+#[derive(Debug, Clone, Copy)]
+pub struct MmaOperands {
+    pub tiled_readable: bool,
+}
+
+fn mma_shape_index(kernel: MmaKernel) -> Option<usize> {
+    MMA_SHAPES.iter().position(|&shape| shape == kernel)
+}
+
+/// Whole waves: with `a` or `b` blocks of one per SM, whether `a` keeps as
+/// large a share of the SM slots busy as `b` (a / ceil(a / sms) >= b / ceil(b / sms)).
+fn fills_as_well(a: usize, b: usize, sms: usize) -> bool {
+    let (waves_a, waves_b) = (a.div_ceil(sms), b.div_ceil(sms));
+    a * waves_b >= b * waves_a
+}
+
+/// The tiled kernel's shape and split for a call: two packs per K-warp and stage where K
+/// allows (H100: 10-12% faster than one, Llama-2-7B M=128 297 vs 334 us), and
+/// K split over enough cluster blocks that every SM gets one (at most 8, the
+/// portable cluster size, and at most one stage per block).
+fn mma_tiled_plan(m: usize, n: usize, k: usize, caps: &DeviceCaps) -> MmaPlan {
+    let packs = if k % 128 == 0 { 2 } else { 1 };
+    let tiles = n.div_ceil(MMA_TILE_COLUMNS) * m.max(1).div_ceil(MMA_TILE_ROWS);
+    let splits = if caps.clusters { caps.sms.div_ceil(tiles).min(MMA_MAX_SPLITS).min(k / (64 * packs)).max(1) } else { 1 };
+    MmaPlan { shape: mma_shape_index(MmaKernel::Tiled { packs }).expect("tiled shapes are listed"), splits }
+}
+
+/// Measured on the H100 (benchmarks/NOTES.md, Llama-2-7B and Qwen1.5-1.8B layers):
+/// - up to 16 rows: 16 warps per block (M=1: 63 us summed against 67 with 8
+///   warps and 81 with 4), on 64 columns (2 column warps x 8 K slices) where
+///   half as many blocks fill the GPU's waves as well as 32-column blocks do,
+///   else on 32 (16 K slices): 64 columns are 10-20% faster where both fill
+///   alike (4096x22016 M=1 25.1 vs 29.1 us) and slower where they leave SMs
+///   idle (4096x12288 16.5 vs 15.6); one 8-row token tile up to 8 rows;
+/// - the tiled kernel where its 64-row tiles are full enough: 58..64 rows on
+///   12288+ columns (4096x22016 M=64 75 vs 91 us; on narrower layers it
+///   loses), 96..128 rows on every layer (Llama-2-7B M=128 297 vs 408 us),
+///   129..192 rows on every layer (three tiles; dense is ahead beyond,
+///   MMA_MAX_ROWS);
+/// - otherwise, N > 4096: 4 warps (M=64: 224 us against 305 with 16);
+///   N <= 4096: 16 warps, 2 side by side on 64 columns sharing their
+///   activations through L1 (4096x4096 M=64 19.9 vs 23.7 us).
+pub fn mma_plan(m: usize, n: usize, k: usize, caps: &DeviceCaps, operands: MmaOperands) -> MmaPlan {
+    let slices = |warps, col_warps| MmaPlan {
+        shape: mma_shape_index(MmaKernel::Slices { warps, col_warps, token_tiles: slice_token_tiles(m, warps, col_warps) })
+            .expect("table shapes are listed"),
+        splits: 1,
+    };
+    if m <= 16 {
+        let wide = fills_as_well(n.div_ceil(64), n / 32, caps.sms.max(1));
+        return slices(16, if wide { 2 } else { 1 });
+    }
+    let tiles = m.div_ceil(MMA_TILE_ROWS);
+    let tiled_rows = tiles * MMA_TILE_ROWS;
+    let full_enough = match tiles {
+        1 => 10 * m >= 9 * tiled_rows,
+        2 => 4 * m >= 3 * tiled_rows,
+        _ => true,
+    };
+    let wide_enough = tiles > 1 || n >= 12288;
+    if mma_tiled_readable(k, operands) && full_enough && wide_enough {
+        mma_tiled_plan(m, n, k, caps)
+    } else if n <= 4096 {
+        slices(16, 2)
+    } else {
+        slices(4, 1)
+    }
+}
+
+/// Token tiles (8 rows each) per K-slice block: one is enough up to 8 rows
+/// for the 16-warp shapes on 32 or 64 columns (the decode shapes), else two.
+fn slice_token_tiles(m: usize, warps: usize, col_warps: usize) -> usize {
+    if warps == 16 && col_warps <= 2 && m <= 8 { 1 } else { 2 }
+}
+
+fn mma_tiled_readable(k: usize, operands: MmaOperands) -> bool {
+    operands.tiled_readable && k % 64 == 0
+}
+
+/// OPT4GPTQ_MMA_TUNING="kernel=slices|tiled,cols=32|64|128,warps=4|8|16,split=1..8,packs=1"
+/// (any part may be left out) replaces the table's choice, for measuring
+/// kernels against each other. `kernel=tiled` applies where the tiled kernel
+/// can read the operands (else the table's K-slice choice stays), `split` is
+/// capped by what K allows; a K-slice shape that has no instance is an error.
+pub fn tuned_mma_plan(
+    plan: MmaPlan,
+    m: usize,
+    n: usize,
+    k: usize,
+    caps: &DeviceCaps,
+    operands: MmaOperands,
+) -> Result<MmaPlan> {
+    match std::env::var("OPT4GPTQ_MMA_TUNING") {
+        Ok(text) => apply_mma_tuning(&text, plan, m, n, k, caps, operands),
+        Err(_) => Ok(plan),
+    }
+}
+
+fn apply_mma_tuning(
+    text: &str,
+    plan: MmaPlan,
+    m: usize,
+    n: usize,
+    k: usize,
+    caps: &DeviceCaps,
+    operands: MmaOperands,
+) -> Result<MmaPlan> {
+    let bad = |what: String| Error::value(format!("OPT4GPTQ_MMA_TUNING: {what}"));
+    let (mut kernel, mut cols, mut warps, mut split, mut one_pack) = (None, None, None, None, false);
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = part.split_once('=').ok_or_else(|| bad(format!("cannot read {part:?}")))?;
+        let number = || value.parse::<usize>().map_err(|_| bad(format!("cannot read {part:?}")));
+        match key {
+            "kernel" if value == "slices" || value == "tiled" => kernel = Some(value == "tiled"),
+            "cols" => cols = Some(number()?),
+            "warps" => warps = Some(number()?),
+            "split" => split = Some(number()?),
+            "packs" if value == "1" => one_pack = true,
+            _ => return Err(bad(format!("cannot read {part:?} (kernel=slices|tiled, cols=, warps=, split=, packs=1)"))),
+        }
+    }
+    let current = MMA_SHAPES[plan.shape];
+    let tiled = match kernel {
+        Some(true) => mma_tiled_readable(k, operands),
+        Some(false) => false,
+        None => matches!(current, MmaKernel::Tiled { .. }),
+    };
+    if tiled {
+        let mut tuned = mma_tiled_plan(m, n, k, caps);
+        if one_pack {
+            tuned.shape = mma_shape_index(MmaKernel::Tiled { packs: 1 }).expect("listed");
+        }
+        let MmaKernel::Tiled { packs } = MMA_SHAPES[tuned.shape] else { unreachable!("a tiled shape") };
+        if let Some(split) = split {
+            if split == 0 {
+                return Err(bad("split must be 1 or more".to_string()));
+            }
+            tuned.splits = if caps.clusters { split.min(MMA_MAX_SPLITS).min(k / (64 * packs)).max(1) } else { 1 };
+        }
+        return Ok(tuned);
+    }
+    let (mut w, mut c) = match (kernel, current) {
+        (None, MmaKernel::Slices { warps, col_warps, .. }) => (warps, col_warps),
+        _ => (if m <= 16 { 16 } else { 4 }, 1),
+    };
+    if let Some(cols) = cols {
+        c = cols / 32;
+    }
+    if let Some(warps) = warps {
+        w = warps;
+    }
+    let kernel = MmaKernel::Slices { warps: w, col_warps: c, token_tiles: slice_token_tiles(m, w, c) };
+    let shape = mma_shape_index(kernel).ok_or_else(|| {
+        bad(format!("no K-slice kernel with {} columns and {w} warps (32/64/128 columns with 4/8/16 warps)", 32 * c))
+    })?;
+    Ok(MmaPlan { shape, splits: 1 })
 }
 
 /// The paper's ablation: vLLM 0.3.3's kernel and the three optimizations.
@@ -521,6 +727,54 @@ mod tests {
         assert_eq!(plan(1, 128, 256).splits, 1);
         for (index, tile) in WGMMA_TILES.iter().enumerate() {
             assert_eq!(plan(tile.tokens, 4096, 4096).tile, index);
+        }
+    }
+
+    #[test]
+    fn mma_plan_follows_the_h100_measurements() {
+        let h100 = DeviceCaps { clusters: true, ..DeviceCaps::with_sms(false, 132) };
+        let readable = MmaOperands { tiled_readable: true };
+        let plan = |m, n, k| MMA_SHAPES[mma_plan(m, n, k, &h100, readable).shape];
+        let slices = |warps, col_warps, token_tiles| MmaKernel::Slices { warps, col_warps, token_tiles };
+        // Decode: 16 warps; 64 columns where half as many blocks fill the waves as well.
+        assert_eq!(plan(1, 4096, 4096), slices(16, 1, 1));
+        assert_eq!(plan(1, 22016, 4096), slices(16, 2, 1));
+        assert_eq!(plan(16, 22016, 4096), slices(16, 2, 2));
+        // One nearly full 64-row tile on a wide layer, or two or more tiles: the tiled kernel.
+        assert_eq!(plan(64, 22016, 4096), MmaKernel::Tiled { packs: 2 });
+        assert_eq!(plan(57, 22016, 4096), slices(4, 1, 2));
+        assert_eq!(plan(64, 4096, 4096), slices(16, 2, 2));
+        assert_eq!(plan(64, 11008, 4096), slices(4, 1, 2));
+        assert_eq!(plan(128, 4096, 4096), MmaKernel::Tiled { packs: 2 });
+        assert_eq!(plan(128, 4096, 4032), MmaKernel::Tiled { packs: 1 });
+        // 32 x 2 tiles: K split 3 ways so that every SM gets a block.
+        assert_eq!(mma_plan(128, 4096, 4096, &h100, readable).splits, 3);
+        // Without clusters (A100) K is not split; operands the tiled kernel cannot read keep the K-slice kernel.
+        assert_eq!(mma_plan(128, 4096, 4096, &DeviceCaps::with_sms(false, 108), readable).splits, 1);
+        let gathered = MmaOperands { tiled_readable: false };
+        assert_eq!(MMA_SHAPES[mma_plan(128, 4096, 4096, &h100, gathered).shape], slices(16, 2, 2));
+    }
+
+    #[test]
+    fn mma_tuning_names_a_listed_shape_or_is_refused() {
+        let h100 = DeviceCaps { clusters: true, ..DeviceCaps::with_sms(false, 132) };
+        let readable = MmaOperands { tiled_readable: true };
+        let tune = |text: &str, m, k| {
+            let plan = mma_plan(m, 512, k, &h100, readable);
+            apply_mma_tuning(text, plan, m, 512, k, &h100, readable).map(|p| (MMA_SHAPES[p.shape], p.splits))
+        };
+        let slices = |warps, col_warps, token_tiles| MmaKernel::Slices { warps, col_warps, token_tiles };
+        assert_eq!(tune("cols=128,warps=4", 5, 1024).unwrap(), (slices(4, 4, 2), 1));
+        assert_eq!(tune("cols=64,warps=16", 5, 1024).unwrap(), (slices(16, 2, 1), 1));
+        assert_eq!(tune("kernel=slices", 100, 1024).unwrap(), (slices(4, 1, 2), 1));
+        assert_eq!(tune("kernel=tiled,split=8", 5, 1024).unwrap(), (MmaKernel::Tiled { packs: 2 }, 8));
+        assert_eq!(tune("kernel=tiled,packs=1,split=3", 5, 1024).unwrap(), (MmaKernel::Tiled { packs: 1 }, 3));
+        // Splits are capped at one stage per block.
+        assert_eq!(tune("kernel=tiled,split=8", 5, 256).unwrap(), (MmaKernel::Tiled { packs: 2 }, 2));
+        // The tiled kernel cannot take K = 32: the table's K-slice choice stays.
+        assert!(matches!(tune("kernel=tiled", 5, 32).unwrap().0, MmaKernel::Slices { .. }));
+        for bad in ["cols=64,warps=4", "kernel=fast", "warps", "split=0,kernel=tiled"] {
+            assert!(tune(bad, 5, 1024).unwrap_err().to_string().contains("OPT4GPTQ_MMA_TUNING"), "{bad}");
         }
     }
 

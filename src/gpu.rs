@@ -26,8 +26,8 @@ struct GemmArgs {
     variant: i32,             // o4g_variant_flag bits (exllama path)
     device: i32,              // device ordinal of every pointer above
     pack_order: i32,          // o4g_pack_order of qweight
-    tile: i32,                // wgmma path: block shape index (dispatch::WGMMA_TILES)
-    splits: i32,              // wgmma path: cluster blocks that split K
+    tile: i32,                // wgmma / mma path: block shape index (dispatch::WGMMA_TILES / MMA_SHAPES)
+    splits: i32,              // wgmma / mma (tiled) path: cluster blocks that split K
 }
 
 #[repr(C)]
@@ -159,6 +159,7 @@ pub fn device_caps(device: i32) -> Result<crate::dispatch::DeviceCaps> {
         env!("O4G_WGMMA") == "1" && raw.major == 9 && raw.minor == 0,
         raw.sms.max(1) as usize,
     );
+    caps.clusters = raw.major >= 9;
     for (known, reported) in caps.wgmma_cluster_slots.iter_mut().zip(raw.wgmma_cluster_slots) {
         for (slots, clusters) in known.iter_mut().zip(reported) {
             *slots = clusters.clamp(0, u16::MAX as i32) as u16;

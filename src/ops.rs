@@ -2,8 +2,8 @@
 
 use crate::cpu;
 use crate::dispatch::{
-    DeviceCaps, Facts, KernelPath, Variant, WgmmaPlan, check_forced_path, choose_path, default_variant,
-    tuned_wgmma_plan, wgmma_plan,
+    DeviceCaps, Facts, KernelPath, MmaOperands, Variant, check_forced_path, choose_path, default_variant, mma_plan,
+    tuned_mma_plan, tuned_wgmma_plan, wgmma_plan,
 };
 use crate::error::{Error, Result};
 use crate::meta::Device;
@@ -187,18 +187,34 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
             without_gil(py, || cpu::gemm(&problem, out_values));
         }
         _ => {
-            let plan = if path == KernelPath::Wgmma {
-                let caps = facts.caps.unwrap_or(DeviceCaps::with_sms(true, 1));
-                tuned_wgmma_plan(wgmma_plan(shape.m, shape.n, shape.k, &caps), shape.k)?
-            } else {
-                WgmmaPlan { tile: 0, splits: 1 }
+            // The block shape and K split of the tensor-core paths (tile, splits).
+            let (tile, splits) = match path {
+                KernelPath::Wgmma => {
+                    let caps = facts.caps.unwrap_or(DeviceCaps::with_sms(true, 1));
+                    let plan = tuned_wgmma_plan(wgmma_plan(shape.m, shape.n, shape.k, &caps), shape.k)?;
+                    (plan.tile, plan.splits)
+                }
+                KernelPath::Mma => {
+                    let caps = facts.caps.unwrap_or(DeviceCaps::with_sms(false, 1));
+                    let operands = MmaOperands {
+                        tiled_readable: !facts.has_perm
+                            && aligned(a, 16)
+                            && shape.lda % 8 == 0
+                            && aligned(scales, 16)
+                            && aligned(qzeros, 16),
+                    };
+                    let (m, n, k) = (shape.m, shape.n, shape.k);
+                    let plan = tuned_mma_plan(mma_plan(m, n, k, &caps, operands), m, n, k, &caps, operands)?;
+                    (plan.shape, plan.splits)
+                }
+                _ => (0, 1),
             };
             let launch = Launch {
                 path: path as i32,
                 variant: variant.flags(),
                 pack_order: pack_order(shape.bits, call.use_exllama),
-                tile: plan.tile as i32,
-                splits: plan.splits as i32,
+                tile: tile as i32,
+                splits: splits as i32,
             };
             gpu_gemm(&shape, a, qweight, qzeros, scales, groups_of_rows, permutation, out, workspace.as_ref(), &launch, call.stream)?
         }

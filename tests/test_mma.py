@@ -79,8 +79,15 @@ def test_every_layer_shape(mma_kernel, cuda, k, n):
 
 @pytest.mark.parametrize("m", [1, 8, 16])
 def test_is_the_default_for_4bit_exllama_calls(cuda, m, monkeypatch):
+    # On Hopper the wgmma family takes over from 9 rows (tests/test_wgmma.py); below, and elsewhere, mma.
+    import torch
+
     monkeypatch.delenv("OPT4GPTQ_VARIANT", raising=False)
-    check(cuda, make_problem(m=m, k=512, n=256, bits=4, group_size=128, act_order=True, use_exllama=True), path=None)
+    problem = make_problem(m=m, k=512, n=256, bits=4, group_size=128, act_order=True, use_exllama=True)
+    hopper = torch.cuda.get_device_capability() == (9, 0)  # the default build carries sm_90a
+    out = run_op(problem, cuda)
+    assert opt4gptq.last_kernel() == ("wgmma" if hopper and m >= 9 else "mma")
+    assert_matches_reference(out, problem)
 
 
 def test_a_named_variant_gets_the_exllama_family(cuda, monkeypatch):

@@ -115,7 +115,11 @@ int launch_gemm(const o4g::GemmParams &p, int path, int variant, int tile, int s
         if (BITS != 4 || p.g_idx != nullptr || p.group_size % 32 != 0 || p.n % o4g::kMmaColumns != 0)
             return fail(O4G_ERR_ARGS, "the mma path needs 4-bit weights, contiguous groups of a multiple of 32 rows "
                                       "and n a multiple of 32");
-        return check(o4g::launch_mma(p, stream), "gemm_mma launch");
+        const cudaError_t error = o4g::launch_mma(p, tile, splits, stream);
+        if (error == cudaErrorInvalidValue)
+            return fail(O4G_ERR_ARGS, "no mma kernel for block shape " + std::to_string(tile) + " split " +
+                                          std::to_string(splits) + " with these operands");
+        return check(error, "gemm_mma launch");
 #else
         return fail(O4G_ERR_UNSUPPORTED, "the mma path exists in CUDA builds only");
 #endif

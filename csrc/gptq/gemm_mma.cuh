@@ -343,9 +343,10 @@ cudaError_t launch_mma_tiles(const GemmParams &p, bool gather, cudaStream_t stre
 // Requirements, checked by the Rust dispatch: 4-bit, no g_idx, group size a
 // multiple of 32, n a multiple of 32, qweight 16-byte aligned.
 // Activations go through the gather path when permuted or not 16-byte aligned.
-// Defined in instances/mma_b4.cu (its own translation unit, compiled in parallel),
-// which also holds the table of block shapes.
-cudaError_t launch_mma(const GemmParams &p, cudaStream_t stream);
+// `shape` indexes the block shapes of src/dispatch.rs (MMA_SHAPES), `splits`
+// the tiled shapes' K split; an unknown shape is cudaErrorInvalidValue.
+// Defined in instances/mma_b4.cu (its own translation unit, compiled in parallel).
+cudaError_t launch_mma(const GemmParams &p, int shape, int splits, cudaStream_t stream);
 
 }  // namespace o4g
 #endif  // O4G_HAVE_MMA

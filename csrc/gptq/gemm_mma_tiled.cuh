@@ -315,16 +315,14 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks) gemm_mma_tiled_ker
 #endif
 }
 
-// The shapes built (instances/mma_b4.cu): two packs per K-warp and stage where
-// K is a multiple of 128 (half the barriers and copy bookkeeping per MMA),
-// else one.
+// The shapes built (instances/mma_b4.cu; src/dispatch.rs MMA_SHAPES, Tiled
+// packs 1 and 2): two packs per K-warp and stage where K is a multiple of 128
+// (half the barriers and copy bookkeeping per MMA), else one. Requirements
+// beyond the K-slice kernel's: contiguous 16-byte aligned activations (no
+// act-order gather), 16-byte aligned scales and zeros, k a multiple of the
+// stage's K; splits 1 unless the device has clusters.
 using TiledShape = Tiled<4, 2, 1>;
 using TiledWideShape = Tiled<3, 2, 2>;
-
-// Requirements beyond launch_mma's: contiguous 16-byte aligned activations
-// (no act-order gather), 16-byte aligned scales and zeros, k a multiple of 64;
-// splits 1 unless the device has clusters. Defined in instances/mma_b4.cu.
-cudaError_t launch_mma_tiled(const GemmParams &p, int splits, cudaStream_t stream);
 
 }  // namespace o4g
 #endif  // O4G_HAVE_MMA
