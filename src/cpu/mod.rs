@@ -1,6 +1,24 @@
-//! The CPU backend: the same function as the GPU kernels, written for clarity.
-//! It serves CPU arrays on every build and is the engine-side reference that
-//! the Rust tests check the packing rules against.
+//! The CPU backend: every format of gptq_gemm, multithreaded and SIMD, with
+//! results that depend on neither the thread count nor M nor where a row sits.
+//!
+//! One arithmetic formulation serves every path (see `plan` for the order):
+//! for each group g (its weight rows in a fixed order) and output element,
+//!     t   = fma chain over the group's rows of x * q      (q: the raw integer, exact in f32)
+//!     d   = fma(-z, sum_x, t)                             (sum_x: that row's x summed over the group)
+//!     acc = fma(scale, d, acc)
+//! and one rounding of acc to fp16. The factored form (rather than
+//! fma(x, scale * (q - z), acc) per weight) is chosen because it needs one
+//! fused multiply-add per weight instead of two, and M = 1 on two cores is
+//! limited by instruction count as much as by memory. Each path (the direct
+//! few-row kernel, the tile kernel, the portable and the AVX-512 lanes) performs
+//! exactly these operations in exactly this order, so they agree bit for bit.
+
+mod kernels;
+mod lanes;
+mod plan;
+mod pool;
+
+pub use pool::thread_count;
 
 use crate::quant::{GemmShape, pack_value, tc_position_of_row, unpack_value};
 use half::f16;
@@ -21,79 +39,17 @@ pub struct CpuGemm<'a> {
     pub tc_order: bool,
 }
 
-/// Dequantized weights, row-major [k, n], in the order the rows are stored.
-fn dequantize(p: &CpuGemm<'_>) -> Vec<f32> {
-    let s = &p.shape;
-    let (k, n, bits) = (s.k, s.n, s.bits);
-    let zero_words = s.zero_words();
-    let mut zeros = vec![0i32; s.groups * n];
-    for g in 0..s.groups {
-        let row = &p.qzeros[g * zero_words..(g + 1) * zero_words];
-        for col in 0..n {
-            zeros[g * n + col] = unpack_value(bits, col, |w| row[w] as u32) as i32 + s.zero_offset;
-        }
-    }
-    let mut weights = vec![0f32; k * n];
-    for r in 0..k {
-        let g = p.g_idx.map_or(r / s.group_size(), |g_idx| g_idx[r] as usize);
-        let out_row = &mut weights[r * n..(r + 1) * n];
-        for (col, w) in out_row.iter_mut().enumerate() {
-            let position = if p.tc_order { r / 32 * 32 + tc_position_of_row(r % 32) } else { r };
-            let q = unpack_value(bits, position, |word| p.qweight[word * n + col] as u32) as i32;
-            *w = p.scales[g * n + col].to_f32() * (q - zeros[g * n + col]) as f32;
-        }
-    }
-    weights
-}
-
-/// out[m, cols] for one contiguous column range, accumulated in f32 in row order.
-fn gemm_columns(p: &CpuGemm<'_>, weights: &[f32], cols: std::ops::Range<usize>) -> Vec<f32> {
-    let s = &p.shape;
-    let width = cols.len();
-    let mut result = vec![0f32; s.m * width];
-    for m in 0..s.m {
-        let a_row = &p.a[m * s.lda..m * s.lda + s.k];
-        let acc = &mut result[m * width..(m + 1) * width];
-        for r in 0..s.k {
-            let source = p.perm.map_or(r, |perm| perm[r] as usize);
-            let x = a_row[source].to_f32();
-            let w_row = &weights[r * s.n + cols.start..r * s.n + cols.end];
-            for (a, w) in acc.iter_mut().zip(w_row) {
-                *a += x * w;
-            }
-        }
-    }
-    result
-}
-
-/// out = a[:, perm] @ dequant(weights), rounded once to fp16.
+/// out = a[:, perm] @ dequant(weights), accumulated in f32 and rounded once to fp16.
 pub fn gemm(p: &CpuGemm<'_>, out: &mut [f16]) {
     let s = &p.shape;
     if s.m == 0 || s.n == 0 {
         return;
     }
-    let weights = dequantize(p);
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(s.n.div_ceil(64)).max(1);
-    let chunk = s.n.div_ceil(threads);
-    let ranges: Vec<_> = (0..s.n).step_by(chunk).map(|start| start..(start + chunk).min(s.n)).collect();
-    let parts: Vec<Vec<f32>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranges
-            .iter()
-            .map(|cols| {
-                let weights = &weights;
-                scope.spawn(move || gemm_columns(p, weights, cols.clone()))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("CPU gemm worker panicked")).collect()
-    });
-    for (cols, part) in ranges.iter().zip(&parts) {
-        let width = cols.len();
-        for m in 0..s.m {
-            for (j, value) in part[m * width..(m + 1) * width].iter().enumerate() {
-                out[m * s.n + cols.start + j] = f16::from_f32(*value);
-            }
-        }
-    }
+    assert!(out.len() >= s.m * s.n, "CPU gemm output too small");
+    let ctx = plan::Ctx::new(p, out.as_mut_ptr());
+    let isa = kernels::Isa::detect();
+    let tasks = ctx.tasks();
+    pool::parallel_for(tasks.count(), &|task| unsafe { isa.run(&ctx, &tasks, task) });
 }
 
 /// gptq_shuffle on the CPU: dst row r (unpacked) = src row perm[r] (None: row

@@ -1,0 +1,330 @@
+//! The two kernels and the instruction-set dispatch.
+//!
+//! - direct (M <= DIRECT_MAX_ROWS): each weight is used by so few rows that a
+//!   dequantized tile would cost more than it saves; words are loaded once,
+//!   each field is converted in registers and fed to every row's accumulator.
+//!   Many column panels are walked together so there are enough independent
+//!   fma chains to hide the fma latency.
+//! - tile (more rows, or weights the direct kernel cannot walk): one group chunk
+//!   of one 64-column block is unpacked once into a small f32 tile that stays in
+//!   L1, then a register-blocked micro-kernel (6 rows x 4 panels) streams it
+//!   for every block of rows.
+//!
+//! Both run the formulation described in cpu/mod.rs, step for step.
+
+use super::lanes::{Lanes, Portable, WIDTH};
+use super::plan::{Ctx, TILE_COLS, Tasks};
+use crate::quant::unpack_value;
+use half::f16;
+
+pub const DIRECT_MAX_ROWS: usize = 3;
+
+/// Columns of one direct-kernel block for m rows.
+pub fn direct_cols(m: usize) -> usize {
+    direct_panels(m) * WIDTH
+}
+
+/// Panels walked together: enough independent chains for one row, fewer when
+/// more rows multiply the accumulators (32 vector registers on AVX-512).
+const fn direct_panels(m: usize) -> usize {
+    if m == 1 { 8 } else { 4 }
+}
+
+/// Rows per micro-kernel block: 6 rows x 4 panels = 24 accumulators + 4 weight vectors.
+const MICRO_ROWS: usize = 6;
+/// Reduction steps unpacked into the tile at a time (64 KB... 32 KB of f32 at 128).
+const TILE_STEPS: usize = 128;
+
+#[derive(Clone, Copy)]
+pub enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::env::var_os("OPT4GPTQ_CPU_ISA").is_some_and(|v| v == "portable") {
+                return Isa::Portable;
+            }
+            if is_x86_feature_detected!("avx512f") && std::env::var_os("OPT4GPTQ_CPU_ISA").is_none_or(|v| v != "avx2") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+
+    /// # Safety
+    /// ctx and tasks come from one plan; task < tasks.count(); no other task writes the same columns.
+    pub unsafe fn run(self, ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { run_avx512(ctx, tasks, task) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { run_avx2(ctx, tasks, task) },
+            Isa::Portable => unsafe { run_task::<Portable>(ctx, tasks, task) },
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_avx512(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
+    unsafe { run_task::<super::lanes::Avx512>(ctx, tasks, task) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
+    unsafe { run_task::<Portable>(ctx, tasks, task) }
+}
+
+#[inline(always)]
+unsafe fn run_task<L: Lanes>(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
+    unsafe {
+        if task < tasks.direct {
+            let col0 = task * tasks.direct_cols;
+            match (ctx.m, ctx.bits) {
+                (1, 4) => direct_block::<L, 1, { direct_panels(1) }, 4>(ctx, col0),
+                (2, 4) => direct_block::<L, 2, { direct_panels(2) }, 4>(ctx, col0),
+                (3, 4) => direct_block::<L, 3, { direct_panels(3) }, 4>(ctx, col0),
+                (1, 2) => direct_block::<L, 1, { direct_panels(1) }, 2>(ctx, col0),
+                (2, 2) => direct_block::<L, 2, { direct_panels(2) }, 2>(ctx, col0),
+                (3, 2) => direct_block::<L, 3, { direct_panels(3) }, 2>(ctx, col0),
+                (1, 8) => direct_block::<L, 1, { direct_panels(1) }, 8>(ctx, col0),
+                (2, 8) => direct_block::<L, 2, { direct_panels(2) }, 8>(ctx, col0),
+                (3, 8) => direct_block::<L, 3, { direct_panels(3) }, 8>(ctx, col0),
+                _ => unreachable!("direct kernel planned for m={} bits={}", ctx.m, ctx.bits),
+            }
+        } else {
+            let col0 = tasks.tile_start + (task - tasks.direct) * TILE_COLS;
+            tile_block::<L>(ctx, col0, TILE_COLS.min(ctx.n - col0));
+        }
+    }
+}
+
+/// Word rows of one column block lie n * 4 bytes apart, each in its own 4 KB
+/// page, which the hardware prefetchers do not follow: without software
+/// prefetch the direct kernel waited on memory most of the time. This far ahead
+/// covers DRAM latency at the rate the kernels consume rows.
+const PREFETCH_ROWS: usize = 8;
+
+#[inline(always)]
+fn prefetch(p: *const i32) {
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Prefetches `bytes` from `p` (one call per 64-byte line).
+#[inline(always)]
+fn prefetch_span(p: *const i32, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        prefetch(p.wrapping_byte_add(line));
+    }
+}
+
+/// (scale, -zero) of 16 columns from col in one group; columns past n get (0, 0).
+#[inline(always)]
+unsafe fn group_params<L: Lanes>(ctx: &Ctx<'_>, group: usize, col: usize) -> (L, L) {
+    unsafe {
+        let offset = L::splat(-(ctx.zero_offset as f32));
+        let zero_row = ctx.qzeros.as_ptr().add(group * ctx.zero_words);
+        if col + WIDTH <= ctx.n && ctx.bits != 3 {
+            let scale = L::load_f16(ctx.scales.as_ptr().add(group * ctx.n + col));
+            // -(z + offset) = z * -1 + (-offset): exact for these small integers.
+            let neg_zero = L::fma(L::zero_points(zero_row, col, ctx.bits), L::splat(-1.0), offset);
+            return (scale, neg_zero);
+        }
+        let mut scale = [0f32; WIDTH];
+        let mut neg_zero = [0f32; WIDTH];
+        for l in 0..WIDTH.min(ctx.n.saturating_sub(col)) {
+            scale[l] = ctx.scales[group * ctx.n + col + l].to_f32();
+            let z = unpack_value(ctx.bits, col + l, |w| *zero_row.add(w) as u32) as f32;
+            neg_zero[l] = z.mul_add(-1.0, -(ctx.zero_offset as f32));
+        }
+        (L::load(scale.as_ptr()), L::load(neg_zero.as_ptr()))
+    }
+}
+
+/// acc = fma(scale, fma(-zero, sum_x, t), acc): a finished group's share.
+#[inline(always)]
+unsafe fn close_group<L: Lanes>(scale: L, neg_zero: L, sum_x: f32, t: L, acc: L) -> L {
+    unsafe { L::fma(scale, L::fma(neg_zero, L::splat(sum_x), t), acc) }
+}
+
+/// All m rows (m = R) of columns col0..col0 + P * 16, every field converted once in registers.
+#[inline(always)]
+unsafe fn direct_block<L: Lanes, const R: usize, const P: usize, const BITS: u32>(ctx: &Ctx<'_>, col0: usize) {
+    let per_word = 32 / BITS as usize;
+    let mask = (1u32 << BITS) - 1;
+    let (n, k) = (ctx.n, ctx.k);
+    let segments = ctx.segments.len();
+    let word_rows = k / per_word;
+    unsafe {
+        let mut acc = [[L::zero(); P]; R];
+        for (si, seg) in ctx.segments.iter().enumerate() {
+            let mut t = [[L::zero(); P]; R];
+            for word_row in seg.start / per_word..seg.end / per_word {
+                let words_at = ctx.qweight.as_ptr().add(word_row * n + col0);
+                if word_row + PREFETCH_ROWS < word_rows {
+                    prefetch_span(words_at.add(PREFETCH_ROWS * n), P * WIDTH * 4);
+                }
+                let words: [L::Words; P] = std::array::from_fn(|p| L::load_words(words_at.add(p * WIDTH)));
+                let x_at = ctx.xs.as_ptr().add(word_row * per_word);
+                for j in 0..per_word {
+                    let x: [L; R] = std::array::from_fn(|r| L::splat(*x_at.add(r * k + j)));
+                    for p in 0..P {
+                        let q = L::field(words[p], j as u32 * BITS, mask);
+                        for r in 0..R {
+                            t[r][p] = L::fma(x[r], q, t[r][p]);
+                        }
+                    }
+                }
+            }
+            for p in 0..P {
+                let (scale, neg_zero) = group_params::<L>(ctx, seg.group, col0 + p * WIDTH);
+                for r in 0..R {
+                    acc[r][p] = close_group(scale, neg_zero, ctx.sx[r * segments + si], t[r][p], acc[r][p]);
+                }
+            }
+        }
+        for r in 0..R {
+            for p in 0..P {
+                acc[r][p].store_f16(ctx.out.add(r * n + col0 + p * WIDTH));
+            }
+        }
+    }
+}
+
+/// Unpacks reduction steps start..start + len of columns col0..col0 + width
+/// into tile[step][TILE_COLS] as f32 (columns past width: 0).
+#[inline(always)]
+unsafe fn fill_tile<L: Lanes>(ctx: &Ctx<'_>, start: usize, len: usize, col0: usize, width: usize, tile: &mut [f32]) {
+    let bits = ctx.bits as usize;
+    let mask = (1u32 << bits) - 1;
+    let n = ctx.n;
+    unsafe {
+        for i in 0..len {
+            // Ahead by PREFETCH_ROWS words' worth of fields, once per word (scattered act-order rows too).
+            let ahead = start + i + PREFETCH_ROWS * 32 / bits;
+            if ahead < ctx.k {
+                let bit = ctx.position(ahead) * bits;
+                if bit % 32 < bits {
+                    prefetch_span(ctx.qweight.as_ptr().add(bit / 32 * n + col0), width * 4);
+                }
+            }
+            let bit = ctx.position(start + i) * bits;
+            let (word, shift) = (bit / 32, (bit % 32) as u32);
+            let straddles = shift as usize + bits > 32;
+            let row = ctx.qweight.as_ptr().add(word * n + col0);
+            let dst = tile.as_mut_ptr().add(i * TILE_COLS);
+            for p in 0..TILE_COLS / WIDTH {
+                let first = p * WIDTH;
+                if first + WIDTH <= width {
+                    let lo = L::load_words(row.add(first));
+                    let q = if straddles { L::field2(lo, L::load_words(row.add(n + first)), shift, mask) } else { L::field(lo, shift, mask) };
+                    q.store(dst.add(first));
+                } else {
+                    for c in first..first + WIDTH {
+                        *dst.add(c) = if c < width {
+                            let lo = *row.add(c) as u32 >> shift;
+                            let hi = if straddles { (*row.add(n + c) as u32) << (32 - shift) } else { 0 };
+                            ((lo | hi) & mask) as f32
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// t[r][..] += x[r][i] * tile[i][..] over len steps, R rows, all TILE_COLS columns.
+#[inline(always)]
+unsafe fn micro<L: Lanes, const R: usize>(tile: *const f32, len: usize, x: *const f32, ldx: usize, t: *mut f32) {
+    const P: usize = TILE_COLS / WIDTH;
+    unsafe {
+        let mut acc: [[L; P]; R] = std::array::from_fn(|r| std::array::from_fn(|p| L::load(t.add(r * TILE_COLS + p * WIDTH))));
+        for i in 0..len {
+            let w: [L; P] = std::array::from_fn(|p| L::load(tile.add(i * TILE_COLS + p * WIDTH)));
+            for r in 0..R {
+                let xr = L::splat(*x.add(r * ldx + i));
+                for p in 0..P {
+                    acc[r][p] = L::fma(xr, w[p], acc[r][p]);
+                }
+            }
+        }
+        for r in 0..R {
+            for p in 0..P {
+                acc[r][p].store(t.add(r * TILE_COLS + p * WIDTH));
+            }
+        }
+    }
+}
+
+/// All m rows of columns col0..col0 + width (width <= TILE_COLS).
+#[inline(always)]
+unsafe fn tile_block<L: Lanes>(ctx: &Ctx<'_>, col0: usize, width: usize) {
+    const P: usize = TILE_COLS / WIDTH;
+    let (m, k, n) = (ctx.m, ctx.k, ctx.n);
+    let segments = ctx.segments.len();
+    let mut tile = vec![0f32; TILE_STEPS * TILE_COLS];
+    let mut t = vec![0f32; m * TILE_COLS];
+    let mut acc = vec![0f32; m * TILE_COLS];
+    unsafe {
+        for (si, seg) in ctx.segments.iter().enumerate() {
+            t.fill(0.0);
+            for start in (seg.start..seg.end).step_by(TILE_STEPS) {
+                let len = TILE_STEPS.min(seg.end - start);
+                fill_tile::<L>(ctx, start, len, col0, width, &mut tile);
+                let mut r0 = 0;
+                while r0 < m {
+                    let rows = MICRO_ROWS.min(m - r0);
+                    let (x, tr) = (ctx.xs.as_ptr().add(r0 * k + start), t.as_mut_ptr().add(r0 * TILE_COLS));
+                    match rows {
+                        6 => micro::<L, 6>(tile.as_ptr(), len, x, k, tr),
+                        5 => micro::<L, 5>(tile.as_ptr(), len, x, k, tr),
+                        4 => micro::<L, 4>(tile.as_ptr(), len, x, k, tr),
+                        3 => micro::<L, 3>(tile.as_ptr(), len, x, k, tr),
+                        2 => micro::<L, 2>(tile.as_ptr(), len, x, k, tr),
+                        _ => micro::<L, 1>(tile.as_ptr(), len, x, k, tr),
+                    }
+                    r0 += rows;
+                }
+            }
+            for p in 0..P {
+                let (scale, neg_zero) = group_params::<L>(ctx, seg.group, col0 + p * WIDTH);
+                for r in 0..m {
+                    let at = r * TILE_COLS + p * WIDTH;
+                    let sum = close_group(scale, neg_zero, ctx.sx[r * segments + si], L::load(t.as_ptr().add(at)), L::load(acc.as_ptr().add(at)));
+                    sum.store(acc.as_mut_ptr().add(at));
+                }
+            }
+        }
+        for r in 0..m {
+            let out_row = ctx.out.add(r * n + col0);
+            for p in 0..P {
+                let first = p * WIDTH;
+                if first + WIDTH <= width {
+                    L::load(acc.as_ptr().add(r * TILE_COLS + first)).store_f16(out_row.add(first));
+                } else {
+                    for c in first..width.max(first) {
+                        *out_row.add(c) = f16::from_f32(acc[r * TILE_COLS + c]);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! What one call computes, laid out for the kernels: the reduction order, the
+//! activations gathered into it, and how the columns are split into tasks.
+//!
+//! The reduction order: weight rows grouped by group (ascending), and within a
+//! group in stored order (the position in the packed bit stream). For plain
+//! weights and for weights after gptq_shuffle this is simply the stored order,
+//! so the kernels read packed words front to back; for act-order weights that
+//! were not shuffled (a g_idx per row) rows of one group are scattered, and the
+//! order visits them group by group. It depends only on the weights, never on
+//! M or on threads.
+
+use super::CpuGemm;
+use crate::quant::tc_position_of_row;
+use half::f16;
+
+/// A group's rows: reduction steps start..end.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub group: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Columns per tile-kernel task: four 16-lane panels.
+pub const TILE_COLS: usize = 64;
+
+pub struct Ctx<'a> {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub bits: u32,
+    pub zero_offset: i32,
+    pub zero_words: usize,
+    pub qweight: &'a [i32],
+    pub qzeros: &'a [i32],
+    pub scales: &'a [f16],
+    /// Stored position of each reduction step; None: step i is position i.
+    pub order: Option<Vec<u32>>,
+    pub segments: Vec<Segment>,
+    /// [m][k] activations as f32, in reduction order (perm applied).
+    pub xs: Vec<f32>,
+    /// [m][segments] sum of each row's xs over each segment, added in reduction order.
+    pub sx: Vec<f32>,
+    pub out: *mut f16,
+}
+
+// Tasks write disjoint column ranges of `out`; everything else is read-only.
+unsafe impl Sync for Ctx<'_> {}
+
+/// Row of the weight matrix stored at bit-stream position `p`.
+fn row_of_position(p: usize, tc_order: bool) -> usize {
+    if !tc_order {
+        return p;
+    }
+    const ROWS: [u8; 32] = {
+        let mut rows = [0u8; 32];
+        let mut r = 0;
+        while r < 32 {
+            rows[tc_position_of_row(r)] = r as u8;
+            r += 1;
+        }
+        rows
+    };
+    p / 32 * 32 + ROWS[p % 32] as usize
+}
+
+/// (order, segments): stored positions sorted stably by group.
+fn reduction_order(groups_of: &[usize], groups: usize) -> (Option<Vec<u32>>, Vec<Segment>) {
+    let k = groups_of.len();
+    if groups_of.windows(2).all(|w| w[0] <= w[1]) {
+        let mut segments = Vec::new();
+        let mut start = 0;
+        for i in 1..=k {
+            if i == k || groups_of[i] != groups_of[start] {
+                segments.push(Segment { group: groups_of[start], start, end: i });
+                start = i;
+            }
+        }
+        return (None, segments);
+    }
+    let mut counts = vec![0usize; groups + 1];
+    for &g in groups_of {
+        counts[g + 1] += 1;
+    }
+    for g in 0..groups {
+        counts[g + 1] += counts[g];
+    }
+    let mut segments = Vec::new();
+    for g in 0..groups {
+        if counts[g + 1] > counts[g] {
+            segments.push(Segment { group: g, start: counts[g], end: counts[g + 1] });
+        }
+    }
+    let mut order = vec![0u32; k];
+    for (p, &g) in groups_of.iter().enumerate() {
+        order[counts[g]] = p as u32;
+        counts[g] += 1;
+    }
+    (Some(order), segments)
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(p: &CpuGemm<'a>, out: *mut f16) -> Ctx<'a> {
+        let s = &p.shape;
+        let group_size = s.group_size().max(1);
+        let rows: Vec<usize> = (0..s.k).map(|pos| row_of_position(pos, p.tc_order)).collect();
+        let groups_of: Vec<usize> =
+            rows.iter().map(|&r| p.g_idx.map_or(r / group_size, |g_idx| g_idx[r] as usize)).collect();
+        let (order, segments) = reduction_order(&groups_of, s.groups.max(groups_of.iter().max().map_or(0, |g| g + 1)));
+        // Activation column met by reduction step i.
+        let columns: Vec<usize> = (0..s.k)
+            .map(|i| {
+                let row = rows[order.as_ref().map_or(i, |o| o[i] as usize)];
+                p.perm.map_or(row, |perm| perm[row] as usize)
+            })
+            .collect();
+        let mut xs = vec![0f32; s.m * s.k];
+        let mut sx = vec![0f32; s.m * segments.len()];
+        for m in 0..s.m {
+            let a_row = &p.a[m * s.lda..m * s.lda + s.k];
+            let x_row = &mut xs[m * s.k..(m + 1) * s.k];
+            for (x, &c) in x_row.iter_mut().zip(&columns) {
+                *x = a_row[c].to_f32();
+            }
+            for (j, seg) in segments.iter().enumerate() {
+                sx[m * segments.len() + j] = x_row[seg.start..seg.end].iter().fold(0f32, |sum, x| sum + x);
+            }
+        }
+        Ctx {
+            m: s.m,
+            k: s.k,
+            n: s.n,
+            bits: s.bits,
+            zero_offset: s.zero_offset,
+            zero_words: s.zero_words(),
+            qweight: p.qweight,
+            qzeros: p.qzeros,
+            scales: p.scales,
+            order,
+            segments,
+            xs,
+            sx,
+            out,
+        }
+    }
+
+    /// Stored position of reduction step i.
+    #[inline(always)]
+    pub fn position(&self, i: usize) -> usize {
+        self.order.as_ref().map_or(i, |o| o[i] as usize)
+    }
+
+    /// Whether the direct few-row kernel can read this call's weights: stored
+    /// order, whole words per group, and a field width that never straddles words.
+    fn direct_fits(&self) -> bool {
+        let per_word = 32 / self.bits as usize;
+        self.m <= super::kernels::DIRECT_MAX_ROWS
+            && self.order.is_none()
+            && matches!(self.bits, 2 | 4 | 8)
+            && self.segments.iter().all(|s| s.start % per_word == 0 && s.end % per_word == 0)
+    }
+
+    pub fn tasks(&self) -> Tasks {
+        let direct_cols = if self.direct_fits() { super::kernels::direct_cols(self.m) } else { 0 };
+        let direct = if direct_cols == 0 { 0 } else { self.n / direct_cols };
+        let covered = direct * direct_cols;
+        Tasks { direct, direct_cols, tile_start: covered, tile: (self.n - covered).div_ceil(TILE_COLS) }
+    }
+}
+
+/// Task t < direct: direct-kernel block t of direct_cols columns; then tile blocks
+/// of TILE_COLS columns from tile_start (the last one may be narrower).
+pub struct Tasks {
+    pub direct: usize,
+    pub direct_cols: usize,
+    pub tile_start: usize,
+    pub tile: usize,
+}
+
+impl Tasks {
+    pub fn count(&self) -> usize {
+        self.direct + self.tile
+    }
+}
