@@ -20,16 +20,8 @@ use half::f16;
 /// Up to here the direct kernel is faster than the tile (measured on 4096x4096, AVX-512, 2 cores).
 pub const DIRECT_MAX_ROWS: usize = 12;
 
-/// Columns of one direct-kernel block for m rows.
-pub fn direct_cols(m: usize) -> usize {
-    direct_panels(m) * WIDTH
-}
-
-/// Panels walked together: enough independent chains for one row, fewer when
-/// more rows multiply the accumulators (32 vector registers on AVX-512).
-const fn direct_panels(m: usize) -> usize {
-    if m == 1 { 8 } else { 4 }
-}
+/// Columns of one direct-kernel task: 2 KB of each 4-bit word row.
+pub const DIRECT_COLS: usize = 512;
 
 /// Rows per micro-kernel block: 6 rows x 4 panels = 24 accumulators + 4 weight vectors.
 const MICRO_ROWS: usize = 6;
@@ -91,11 +83,12 @@ unsafe fn run_avx2(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
 unsafe fn run_task<L: Lanes>(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
     unsafe {
         if task < tasks.direct {
-            let col0 = task * tasks.direct_cols;
+            let col0 = task * DIRECT_COLS;
+            let width = DIRECT_COLS.min(tasks.tile_start - col0);
             match ctx.bits {
-                2 => direct_rows::<L, 2>(ctx, col0),
-                4 => direct_rows::<L, 4>(ctx, col0),
-                8 => direct_rows::<L, 8>(ctx, col0),
+                2 => direct_wide::<L, 2, 16>(ctx, col0, width),
+                4 => direct_wide::<L, 4, 8>(ctx, col0, width),
+                8 => direct_wide::<L, 8, 4>(ctx, col0, width),
                 bits => unreachable!("direct kernel planned for {bits}-bit weights"),
             }
         } else {
@@ -129,28 +122,130 @@ fn prefetch_span(p: *const i32, bytes: usize) {
     }
 }
 
-/// The direct kernel over all rows of one column block, in passes of at most
-/// four rows (the accumulators of more rows would not fit in registers); the
-/// block's words are re-read from L2 by each pass.
+/// The direct kernel: all rows of columns col0..col0 + width (a multiple of 16).
+///
+/// Why wide blocks with the group sums t in L1 rather than narrow blocks with t
+/// in registers only: word rows lie n * 4 bytes apart, so a narrow block
+/// touches a new page for every 512 bytes it reads, and at N >= 12288 the M = 1
+/// kernel ran at half the speed it had at N = 4096. A block of DIRECT_COLS
+/// columns reads 2 KB of each row; within it, register blocks of R rows x P
+/// panels (8 panels for one row: 8 independent fma chains hide the fma
+/// latency) load t, take one word row, and store t.
 #[inline(always)]
-unsafe fn direct_rows<L: Lanes, const BITS: u32>(ctx: &Ctx<'_>, col0: usize) {
+unsafe fn direct_wide<L: Lanes, const BITS: u32, const PER_WORD: usize>(ctx: &Ctx<'_>, col0: usize, width: usize) {
+    let (m, k, n) = (ctx.m, ctx.k, ctx.n);
+    let segments = ctx.segments.len();
+    let word_rows = k / PER_WORD;
+    let panels = width / WIDTH;
+    let mut t = vec![0f32; m * width];
+    let mut acc = vec![0f32; m * width];
     unsafe {
-        if ctx.m == 1 {
-            return direct_block::<L, 1, { direct_panels(1) }, BITS>(ctx, 0, col0);
-        }
-        const P: usize = direct_panels(2);
-        let passes = ctx.m.div_ceil(4);
-        let mut m0 = 0;
-        for pass in 0..passes {
-            // Balanced passes: 5 rows as 3 + 2, not 4 + 1.
-            let rows = (ctx.m - m0) / (passes - pass) + usize::from((ctx.m - m0) % (passes - pass) != 0);
-            match rows {
-                4 => direct_block::<L, 4, P, BITS>(ctx, m0, col0),
-                3 => direct_block::<L, 3, P, BITS>(ctx, m0, col0),
-                2 => direct_block::<L, 2, P, BITS>(ctx, m0, col0),
-                _ => direct_block::<L, 1, P, BITS>(ctx, m0, col0),
+        for (si, seg) in ctx.segments.iter().enumerate() {
+            t.fill(0.0);
+            for word_row in seg.start / PER_WORD..seg.end / PER_WORD {
+                let words_at = ctx.qweight.as_ptr().add(word_row * n + col0);
+                if word_row + PREFETCH_ROWS < word_rows {
+                    prefetch_span(words_at.add(PREFETCH_ROWS * n), width * 4);
+                }
+                let x_at = ctx.xs.as_ptr().add(word_row * PER_WORD);
+                let rows = RowChunks::new(m);
+                for (m0, r) in rows {
+                    let (x, t_rows) = (x_at.add(m0 * k), t.as_mut_ptr().add(m0 * width));
+                    let mut p = 0;
+                    macro_rules! blocks {
+                        ($r:literal, $p:literal) => {{
+                            while p + $p <= panels {
+                                word_row_block::<L, $r, $p, BITS, PER_WORD>(words_at.add(p * WIDTH), x, k, t_rows.add(p * WIDTH), width);
+                                p += $p;
+                            }
+                            while p < panels {
+                                word_row_block::<L, $r, 1, BITS, PER_WORD>(words_at.add(p * WIDTH), x, k, t_rows.add(p * WIDTH), width);
+                                p += 1;
+                            }
+                        }};
+                    }
+                    match (m, r) {
+                        (1, _) => blocks!(1, 8),
+                        (_, 4) => blocks!(4, 4),
+                        (_, 3) => blocks!(3, 4),
+                        (_, 2) => blocks!(2, 4),
+                        _ => blocks!(1, 4),
+                    }
+                }
             }
-            m0 += rows;
+            for p in 0..panels {
+                let (scale, neg_zero) = group_params::<L>(ctx, seg.group, col0 + p * WIDTH);
+                for r in 0..m {
+                    let at = r * width + p * WIDTH;
+                    let sum = close_group(scale, neg_zero, ctx.sx[r * segments + si], L::load(t.as_ptr().add(at)), L::load(acc.as_ptr().add(at)));
+                    sum.store(acc.as_mut_ptr().add(at));
+                }
+            }
+        }
+        for r in 0..m {
+            for p in 0..panels {
+                L::load(acc.as_ptr().add(r * width + p * WIDTH)).store_f16(ctx.out.add(r * n + col0 + p * WIDTH));
+            }
+        }
+    }
+}
+
+/// Balanced chunks of at most 4 rows (5 rows: 3 + 2, not 4 + 1): (first row, rows).
+#[derive(Clone, Copy)]
+struct RowChunks {
+    next: usize,
+    left: usize,
+    chunks: usize,
+}
+
+impl RowChunks {
+    fn new(m: usize) -> RowChunks {
+        RowChunks { next: 0, left: m, chunks: m.div_ceil(4) }
+    }
+}
+
+impl Iterator for RowChunks {
+    type Item = (usize, usize);
+    fn next(&mut self) -> Option<(usize, usize)> {
+        if self.chunks == 0 {
+            return None;
+        }
+        let rows = self.left.div_ceil(self.chunks);
+        let item = (self.next, rows);
+        self.next += rows;
+        self.left -= rows;
+        self.chunks -= 1;
+        Some(item)
+    }
+}
+
+/// One word row (PER_WORD reduction steps) for R rows x P panels: t (row
+/// stride ldt) += x * field, each field converted once for all R rows.
+#[inline(always)]
+unsafe fn word_row_block<L: Lanes, const R: usize, const P: usize, const BITS: u32, const PER_WORD: usize>(
+    words_at: *const i32,
+    x: *const f32,
+    ldx: usize,
+    t: *mut f32,
+    ldt: usize,
+) {
+    let mask = (1u32 << BITS) - 1;
+    unsafe {
+        let words: [L::Words; P] = std::array::from_fn(|p| L::load_words(words_at.add(p * WIDTH)));
+        let mut tv: [[L; P]; R] = std::array::from_fn(|r| std::array::from_fn(|p| L::load(t.add(r * ldt + p * WIDTH))));
+        for j in 0..PER_WORD {
+            let xv: [L; R] = std::array::from_fn(|r| L::splat(*x.add(r * ldx + j)));
+            for p in 0..P {
+                let q = L::field(words[p], j as u32 * BITS, mask);
+                for r in 0..R {
+                    tv[r][p] = L::fma(xv[r], q, tv[r][p]);
+                }
+            }
+        }
+        for r in 0..R {
+            for p in 0..P {
+                tv[r][p].store(t.add(r * ldt + p * WIDTH));
+            }
         }
     }
 }
@@ -182,50 +277,6 @@ unsafe fn group_params<L: Lanes>(ctx: &Ctx<'_>, group: usize, col: usize) -> (L,
 #[inline(always)]
 unsafe fn close_group<L: Lanes>(scale: L, neg_zero: L, sum_x: f32, t: L, acc: L) -> L {
     unsafe { L::fma(scale, L::fma(neg_zero, L::splat(sum_x), t), acc) }
-}
-
-/// Rows m0..m0 + R of columns col0..col0 + P * 16, every field converted once in registers.
-#[inline(always)]
-unsafe fn direct_block<L: Lanes, const R: usize, const P: usize, const BITS: u32>(ctx: &Ctx<'_>, m0: usize, col0: usize) {
-    let per_word = 32 / BITS as usize;
-    let mask = (1u32 << BITS) - 1;
-    let (n, k) = (ctx.n, ctx.k);
-    let segments = ctx.segments.len();
-    let word_rows = k / per_word;
-    unsafe {
-        let mut acc = [[L::zero(); P]; R];
-        for (si, seg) in ctx.segments.iter().enumerate() {
-            let mut t = [[L::zero(); P]; R];
-            for word_row in seg.start / per_word..seg.end / per_word {
-                let words_at = ctx.qweight.as_ptr().add(word_row * n + col0);
-                if word_row + PREFETCH_ROWS < word_rows {
-                    prefetch_span(words_at.add(PREFETCH_ROWS * n), P * WIDTH * 4);
-                }
-                let words: [L::Words; P] = std::array::from_fn(|p| L::load_words(words_at.add(p * WIDTH)));
-                let x_at = ctx.xs.as_ptr().add(m0 * k + word_row * per_word);
-                for j in 0..per_word {
-                    let x: [L; R] = std::array::from_fn(|r| L::splat(*x_at.add(r * k + j)));
-                    for p in 0..P {
-                        let q = L::field(words[p], j as u32 * BITS, mask);
-                        for r in 0..R {
-                            t[r][p] = L::fma(x[r], q, t[r][p]);
-                        }
-                    }
-                }
-            }
-            for p in 0..P {
-                let (scale, neg_zero) = group_params::<L>(ctx, seg.group, col0 + p * WIDTH);
-                for r in 0..R {
-                    acc[r][p] = close_group(scale, neg_zero, ctx.sx[(m0 + r) * segments + si], t[r][p], acc[r][p]);
-                }
-            }
-        }
-        for r in 0..R {
-            for p in 0..P {
-                acc[r][p].store_f16(ctx.out.add((m0 + r) * n + col0 + p * WIDTH));
-            }
-        }
-    }
 }
 
 /// Unpacks reduction steps start..start + len of columns col0..col0 + width

@@ -16,7 +16,6 @@ pub const WIDTH: usize = 16;
 
 pub trait Lanes: Copy {
     type Words: Copy;
-    unsafe fn zero() -> Self;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
     unsafe fn store(self, p: *mut f32);
@@ -41,10 +40,6 @@ pub struct Portable([f32; WIDTH]);
 
 impl Lanes for Portable {
     type Words = [u32; WIDTH];
-    #[inline(always)]
-    unsafe fn zero() -> Self {
-        Portable([0.0; WIDTH])
-    }
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
         Portable([x; WIDTH])
@@ -106,10 +101,6 @@ mod x86 {
     // #[target_feature(enable = "avx512f")] after runtime detection.
     impl Lanes for Avx512 {
         type Words = __m512i;
-        #[inline(always)]
-        unsafe fn zero() -> Self {
-            Avx512(unsafe { _mm512_setzero_ps() })
-        }
         #[inline(always)]
         unsafe fn splat(x: f32) -> Self {
             Avx512(unsafe { _mm512_set1_ps(x) })

@@ -10,6 +10,7 @@
 //! M or on threads.
 
 use super::CpuGemm;
+use super::lanes::WIDTH;
 use crate::quant::tc_position_of_row;
 use half::f16;
 
@@ -161,18 +162,18 @@ impl<'a> Ctx<'a> {
     }
 
     pub fn tasks(&self) -> Tasks {
-        let direct_cols = if self.direct_fits() { super::kernels::direct_cols(self.m) } else { 0 };
-        let direct = if direct_cols == 0 { 0 } else { self.n / direct_cols };
-        let covered = direct * direct_cols;
-        Tasks { direct, direct_cols, tile_start: covered, tile: (self.n - covered).div_ceil(TILE_COLS) }
+        // Direct blocks cover the whole 16-column panels; a ragged tail goes to the tile kernel.
+        let covered = if self.direct_fits() { self.n / WIDTH * WIDTH } else { 0 };
+        let direct = covered.div_ceil(super::kernels::DIRECT_COLS);
+        Tasks { direct, tile_start: covered, tile: (self.n - covered).div_ceil(TILE_COLS) }
     }
 }
 
-/// Task t < direct: direct-kernel block t of direct_cols columns; then tile blocks
-/// of TILE_COLS columns from tile_start (the last one may be narrower).
+/// Task t < direct: direct-kernel block t of DIRECT_COLS columns (the last one
+/// ends at tile_start); then tile blocks of TILE_COLS columns from tile_start
+/// (the last one may be narrower).
 pub struct Tasks {
     pub direct: usize,
-    pub direct_cols: usize,
     pub tile_start: usize,
     pub tile: usize,
 }
