@@ -147,7 +147,7 @@ unsafe fn direct_wide<L: Lanes, const BITS: u32, const PER_WORD: usize>(ctx: &Ct
                 if word_row + PREFETCH_ROWS < word_rows {
                     prefetch_span(words_at.add(PREFETCH_ROWS * n), width * 4);
                 }
-                let x_at = ctx.xs.as_ptr().add(word_row * PER_WORD);
+                let x_at = ctx.xs_direct.as_ptr().add(word_row * PER_WORD);
                 let rows = RowChunks::new(m);
                 for (m0, r) in rows {
                     let (x, t_rows) = (x_at.add(m0 * k), t.as_mut_ptr().add(m0 * width));
@@ -221,6 +221,12 @@ impl Iterator for RowChunks {
 
 /// One word row (PER_WORD reduction steps) for R rows x P panels: t (row
 /// stride ldt) += x * field, each field converted once for all R rows.
+///
+/// Fields stay where they sit in the word ("shift once"): field j is read as
+/// q * 2^(BITS * j) by one and + one convert (no shift), and x comes from
+/// xs_direct, pre-scaled by 2^-(BITS * j). Both scalings are exact (q has at most
+/// 8 significant bits, x stays a normal f32), so the product x * q, and with it
+/// the fused multiply-add, is bit for bit the one of the formulation.
 #[inline(always)]
 unsafe fn word_row_block<L: Lanes, const R: usize, const P: usize, const BITS: u32, const PER_WORD: usize>(
     words_at: *const i32,
@@ -236,7 +242,7 @@ unsafe fn word_row_block<L: Lanes, const R: usize, const P: usize, const BITS: u
         for j in 0..PER_WORD {
             let xv: [L; R] = std::array::from_fn(|r| L::splat(*x.add(r * ldx + j)));
             for p in 0..P {
-                let q = L::field(words[p], j as u32 * BITS, mask);
+                let q = L::field_in_place(words[p], mask << (j as u32 * BITS));
                 for r in 0..R {
                     tv[r][p] = L::fma(xv[r], q, tv[r][p]);
                 }

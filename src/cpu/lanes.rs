@@ -31,6 +31,9 @@ pub trait Lanes: Copy {
     /// The raw stored zero points of columns col..col + 16 of one packed qzeros
     /// row, as f32; col is a multiple of 16 and bits is 2, 4 or 8.
     unsafe fn zero_points(row: *const i32, col: usize, bits: u32) -> Self;
+    /// (words & mask) as exact f32, mask being a field's bits in place: the
+    /// field times 2^shift, one instruction fewer than `field` (see kernels).
+    unsafe fn field_in_place(w: Self::Words, mask: u32) -> Self;
     /// The field of a value that straddles two words: (lo >> shift | hi << (32 - shift)) & mask, shift > 0.
     unsafe fn field2(lo: Self::Words, hi: Self::Words, shift: u32, mask: u32) -> Self;
 }
@@ -69,6 +72,10 @@ impl Lanes for Portable {
     #[inline(always)]
     unsafe fn field(w: Self::Words, shift: u32, mask: u32) -> Self {
         Portable(std::array::from_fn(|l| ((w[l] >> shift) & mask) as f32))
+    }
+    #[inline(always)]
+    unsafe fn field_in_place(w: Self::Words, mask: u32) -> Self {
+        Portable(std::array::from_fn(|l| (w[l] & mask) as f32))
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const f16) -> Self {
@@ -135,6 +142,11 @@ mod x86 {
                 let v = _mm512_srl_epi32(w, _mm_cvtsi32_si128(shift as i32));
                 Avx512(_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(mask as i32))))
             }
+        }
+        #[inline(always)]
+        unsafe fn field_in_place(w: Self::Words, mask: u32) -> Self {
+            // Unsigned: the top field of a word sets bit 31.
+            unsafe { Avx512(_mm512_cvtepu32_ps(_mm512_and_si512(w, _mm512_set1_epi32(mask as i32)))) }
         }
         #[inline(always)]
         unsafe fn load_f16(p: *const f16) -> Self {

@@ -40,6 +40,9 @@ pub struct Ctx<'a> {
     pub segments: Vec<Segment>,
     /// [m][k] activations as f32, in reduction order (perm applied).
     pub xs: Vec<f32>,
+    /// The direct kernel's copy of xs: step i scaled by 2^-(bits * (i % (32 / bits))),
+    /// the power of two its in-place fields carry (empty when the tile kernel serves).
+    pub xs_direct: Vec<f32>,
     /// [m][segments] sum of each row's xs over each segment, added in reduction order.
     pub sx: Vec<f32>,
     pub out: *mut f16,
@@ -127,7 +130,7 @@ impl<'a> Ctx<'a> {
                 sx[m * segments.len() + j] = x_row[seg.start..seg.end].iter().fold(0f32, |sum, x| sum + x);
             }
         }
-        Ctx {
+        let mut ctx = Ctx {
             m: s.m,
             k: s.k,
             n: s.n,
@@ -140,9 +143,16 @@ impl<'a> Ctx<'a> {
             order,
             segments,
             xs,
+            xs_direct: Vec::new(),
             sx,
             out,
+        };
+        if ctx.direct_fits() {
+            let per_word = 32 / s.bits as usize;
+            let scales: Vec<f32> = (0..per_word).map(|j| (-((j * s.bits as usize) as f32)).exp2()).collect();
+            ctx.xs_direct = ctx.xs.iter().enumerate().map(|(i, x)| x * scales[i % s.k % per_word]).collect();
         }
+        ctx
     }
 
     /// Stored position of reduction step i.
