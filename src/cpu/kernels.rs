@@ -99,10 +99,14 @@ unsafe fn run_task<L: Lanes>(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
 }
 
 /// Word rows of one column block lie n * 4 bytes apart, each in its own 4 KB
-/// page, which the hardware prefetchers do not follow: without software
-/// prefetch the direct kernel waited on memory most of the time. This far ahead
-/// covers DRAM latency at the rate the kernels consume rows.
-const PREFETCH_ROWS: usize = 8;
+/// page, which the hardware prefetchers do not follow, so the kernels prefetch
+/// rows ahead themselves. The direct kernel reads 2 KB per row: 3 rows ahead was
+/// the best of 1..16 rows and of the T0/T1/T2/NTA hints on 4096x4096,
+/// 4096x12288 and 13824x5120 at M = 1 (all within ~15%: the limit is how many
+/// lines a core can have in flight, not the distance).
+const DIRECT_PREFETCH_ROWS: usize = 3;
+/// The tile kernel reads 256 bytes per row.
+const TILE_PREFETCH_ROWS: usize = 8;
 
 #[inline(always)]
 fn prefetch(p: *const i32) {
@@ -144,8 +148,8 @@ unsafe fn direct_wide<L: Lanes, const BITS: u32, const PER_WORD: usize>(ctx: &Ct
             t.fill(0.0);
             for word_row in seg.start / PER_WORD..seg.end / PER_WORD {
                 let words_at = ctx.qweight.as_ptr().add(word_row * n + col0);
-                if word_row + PREFETCH_ROWS < word_rows {
-                    prefetch_span(words_at.add(PREFETCH_ROWS * n), width * 4);
+                if word_row + DIRECT_PREFETCH_ROWS < word_rows {
+                    prefetch_span(words_at.add(DIRECT_PREFETCH_ROWS * n), width * 4);
                 }
                 let x_at = ctx.xs_direct.as_ptr().add(word_row * PER_WORD);
                 let rows = RowChunks::new(m);
@@ -294,8 +298,8 @@ unsafe fn fill_tile<L: Lanes>(ctx: &Ctx<'_>, start: usize, len: usize, col0: usi
     let n = ctx.n;
     unsafe {
         for i in 0..len {
-            // Ahead by PREFETCH_ROWS words' worth of fields, once per word (scattered act-order rows too).
-            let ahead = start + i + PREFETCH_ROWS * 32 / bits;
+            // Ahead by TILE_PREFETCH_ROWS words' worth of fields, once per word (scattered act-order rows too).
+            let ahead = start + i + TILE_PREFETCH_ROWS * 32 / bits;
             if ahead < ctx.k {
                 let bit = ctx.position(ahead) * bits;
                 if bit % 32 < bits {

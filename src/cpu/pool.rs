@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 /// the next call of a layer-by-layer loop, short enough not to steal a core
 /// from the caller's Python thread for long.
 const SPIN: Duration = Duration::from_micros(200);
+/// Polls between clock reads while spinning (reading the clock every poll cost a few % of a core).
+const POLLS_PER_CLOCK_READ: u32 = 256;
 
 /// Threads the GEMM uses: `OPT4GPTQ_NUM_THREADS` (read once) if set, else every
 /// available core. A value above the core count is honoured, which lets tests
@@ -96,8 +98,13 @@ fn helper(pool: &'static Pool) {
     let mut seen = 0u64;
     loop {
         let start = Instant::now();
-        while pool.generation.load(Ordering::Acquire) == seen && start.elapsed() < SPIN {
-            std::hint::spin_loop();
+        'spin: while start.elapsed() < SPIN {
+            for _ in 0..POLLS_PER_CLOCK_READ {
+                if pool.generation.load(Ordering::Acquire) != seen {
+                    break 'spin;
+                }
+                std::hint::spin_loop();
+            }
         }
         let job = {
             let mut slot = pool.slot.lock().unwrap_or_else(|e| e.into_inner());
