@@ -15,7 +15,9 @@ then effective bandwidth (minimum bytes: packed weights, scales, zeros,
 activations, output; bench_gemm.min_bytes) as GB/s and as % of the memory
 bandwidth measured in the same run (a large numpy copy on every core). Samples
 of the three are interleaved, so a noisy neighbour hits all of them alike;
-each sample repeats the call for at least `--sample-ms`. Writes JSON and a PNG.
+each sample repeats the call for at least `--sample-ms`, after a pause
+(`--settle-ms`) that lets the previous contender's idle threads stop spinning
+and one untimed call. Writes JSON and a PNG.
 
     python benchmarks/bench_cpu.py                       # every model, ~5 min on 2 cores
     python benchmarks/bench_cpu.py --models llama2-7b --m 1,16,128
@@ -81,14 +83,24 @@ def calls_per_sample(fn: Callable[[], object], sample_s: float) -> int:
     return max(1, int(sample_s / max(min(once), 1e-6)))
 
 
-def interleaved_medians(fns: Dict[str, Callable[[], object]], samples: int, sample_s: float) -> Dict[str, float]:
-    """Median seconds per call of each function, sampling them in turn."""
+def interleaved_medians(fns: Dict[str, Callable[[], object]], samples: int, sample_s: float,
+                        settle_s: float) -> Dict[str, float]:
+    """Median seconds per call of each function, sampling them in turn.
+
+    Before each sample: a pause of settle_s, then one untimed call. torch's
+    OpenMP (libgomp) threads keep spinning for milliseconds after a torch call
+    (as our helper thread does for 0.2 ms); on a 2-core machine a contender
+    sampled inside that window ran up to ~1.5x slower. The pause lets every
+    runtime's idle threads go to sleep, so each contender is timed on a quiet
+    machine and pays its own wake-up in the untimed call."""
     for fn in fns.values():
         fn()  # warm caches and thread pools
     counts = {name: calls_per_sample(fn, sample_s) for name, fn in fns.items()}
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(samples):
         for name, fn in fns.items():
+            time.sleep(settle_s)
+            fn()
             start = time.perf_counter()
             for _ in range(counts[name]):
                 fn()
@@ -149,7 +161,7 @@ def measure(torch, int4: Optional[Int4Peer], layer: Layer, m: int, args, rng) ->
                 row["torch_int4_skipped"] = f"relative error {err:.2e} against float64 above {INT4_MAX_REL_ERR:g}"
         else:
             row["torch_int4_skipped"] = layer.int4_reason
-    for name, seconds in interleaved_medians(fns, args.samples, args.sample_ms / 1e3).items():
+    for name, seconds in interleaved_medians(fns, args.samples, args.sample_ms / 1e3, args.settle_ms / 1e3).items():
         row[f"{name}_ms"] = seconds * 1e3
     row["ours_gbs"] = row["bytes"] / (row["ours_ms"] / 1e3) / 1e9
     if "torch_int4_ms" in row:
@@ -220,6 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--m", default=",".join(map(str, DEFAULT_M)), help="comma list of M")
     parser.add_argument("--samples", type=int, default=7, help="interleaved samples per contender (median)")
     parser.add_argument("--sample-ms", type=float, default=30.0, help="minimum length of one sample")
+    parser.add_argument("--settle-ms", type=float, default=50.0,
+                        help="pause before each sample so other runtimes' idle threads stop spinning")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default benchmarks/results/cpu; --quick: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="one small layer, M=1 and 16, few samples (CI)")
@@ -233,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("torch is not installed: only opt4gptq is timed")
     if args.quick:
         layers = {"tiny": [(512, 256)]}
-        ms, args.samples, args.sample_ms = [1, 16], 3, 2.0
+        ms, args.samples, args.sample_ms, args.settle_ms = [1, 16], 3, 2.0, 1.0
     elif args.shapes:
         layers = {"custom": [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]}
         ms = [int(x) for x in args.m.split(",")]

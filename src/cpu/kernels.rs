@@ -20,8 +20,12 @@ use half::f16;
 /// Up to here the direct kernel is faster than the tile (measured on 4096x4096, AVX-512, 2 cores).
 pub const DIRECT_MAX_ROWS: usize = 12;
 
-/// Columns of one direct-kernel task: 2 KB of each 4-bit word row.
+/// Columns of one direct-kernel task at most: 2 KB of each 4-bit word row.
 pub const DIRECT_COLS: usize = 512;
+/// ... and at least, when narrower blocks are needed to give every thread
+/// several tasks (N = 2048 on two threads: 512 columns made 4 tasks, and one
+/// late thread left the other idle).
+pub const DIRECT_MIN_COLS: usize = 128;
 
 /// Rows per micro-kernel block: 6 rows x 4 panels = 24 accumulators + 4 weight vectors.
 const MICRO_ROWS: usize = 6;
@@ -83,8 +87,8 @@ unsafe fn run_avx2(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
 unsafe fn run_task<L: Lanes>(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
     unsafe {
         if task < tasks.direct {
-            let col0 = task * DIRECT_COLS;
-            let width = DIRECT_COLS.min(tasks.tile_start - col0);
+            let col0 = task * tasks.direct_cols;
+            let width = tasks.direct_cols.min(tasks.tile_start - col0);
             match ctx.bits {
                 2 => direct_wide::<L, 2, 16>(ctx, col0, width),
                 4 => direct_wide::<L, 4, 8>(ctx, col0, width),

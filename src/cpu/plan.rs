@@ -180,16 +180,20 @@ impl<'a> Ctx<'a> {
     pub fn tasks(&self) -> Tasks {
         // Direct blocks cover the whole 16-column panels; a ragged tail goes to the tile kernel.
         let covered = if self.direct_fits() { self.n / WIDTH * WIDTH } else { 0 };
-        let direct = covered.div_ceil(super::kernels::DIRECT_COLS);
-        Tasks { direct, tile_start: covered, tile: (self.n - covered).div_ceil(TILE_COLS) }
+        // Aim for 4 tasks per thread; which block serves a column never changes its arithmetic.
+        let per_task = covered.div_ceil(4 * super::pool::thread_count()).div_ceil(WIDTH) * WIDTH;
+        let direct_cols = per_task.clamp(super::kernels::DIRECT_MIN_COLS, super::kernels::DIRECT_COLS);
+        let direct = covered.div_ceil(direct_cols);
+        Tasks { direct, direct_cols, tile_start: covered, tile: (self.n - covered).div_ceil(TILE_COLS) }
     }
 }
 
-/// Task t < direct: direct-kernel block t of DIRECT_COLS columns (the last one
+/// Task t < direct: direct-kernel block t of direct_cols columns (the last one
 /// ends at tile_start); then tile blocks of TILE_COLS columns from tile_start
 /// (the last one may be narrower).
 pub struct Tasks {
     pub direct: usize,
+    pub direct_cols: usize,
     pub tile_start: usize,
     pub tile: usize,
 }
