@@ -42,20 +42,25 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// The widest code path this CPU runs, decided once; `OPT4GPTQ_CPU_ISA=avx2`
+    /// or `portable` asks for a narrower one (tests compare them bit for bit).
     pub fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::env::var_os("OPT4GPTQ_CPU_ISA").is_some_and(|v| v == "portable") {
-                return Isa::Portable;
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let asked = std::env::var("OPT4GPTQ_CPU_ISA").unwrap_or_default();
+                if asked != "portable" {
+                    if asked != "avx2" && is_x86_feature_detected!("avx512f") {
+                        return Isa::Avx512;
+                    }
+                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                        return Isa::Avx2;
+                    }
+                }
             }
-            if is_x86_feature_detected!("avx512f") && std::env::var_os("OPT4GPTQ_CPU_ISA").is_none_or(|v| v != "avx2") {
-                return Isa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Portable
+            Isa::Portable
+        })
     }
 
     /// # Safety

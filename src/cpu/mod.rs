@@ -151,6 +151,43 @@ mod tests {
     }
 
     #[test]
+    fn each_row_alone_equals_its_row_in_a_batch_bit_for_bit() {
+        // 13 rows take the tile kernel, one row the direct kernel; 208 columns leave a ragged tile tail.
+        let (m, k, n, groups) = (13, 256, 208, 2);
+        let mut rng = Lcg(3);
+        for (bits, tc_order) in [(4u32, true), (4, false), (2, false), (8, false), (3, false)] {
+            let n = if bits == 3 { 224 } else { n };
+            let q: Vec<u32> = (0..k * n).map(|_| rng.next() % (1 << bits)).collect();
+            let qweight = pack_rows(&q, k, n, bits);
+            let qzeros: Vec<i32> = (0..groups * n * bits as usize / 32).map(|_| rng.next() as i32).collect();
+            let scales: Vec<f16> = (0..groups * n).map(|_| f16::from_f32(0.002 + (rng.next() % 100) as f32 * 1e-4)).collect();
+            let a: Vec<f16> = (0..m * k).map(|_| f16::from_f32((rng.next() % 2000) as f32 / 1000.0 - 1.0)).collect();
+            let perm: Vec<i32> = (0..k as i32).map(|r| (r * 37 + 5) % k as i32).collect();
+            let problem = |rows: usize, a: &'_ [f16]| -> Vec<f16> {
+                let p = CpuGemm {
+                    shape: GemmShape { m: rows, k, n, groups, bits, lda: k, zero_offset: 1 },
+                    a,
+                    qweight: &qweight,
+                    qzeros: &qzeros,
+                    scales: &scales,
+                    g_idx: None,
+                    perm: Some(&perm),
+                    tc_order,
+                };
+                let mut out = vec![f16::NAN; rows * n];
+                gemm(&p, &mut out);
+                out
+            };
+            let whole = problem(m, &a);
+            for row in 0..m {
+                let alone = problem(1, &a[row * k..(row + 1) * k]);
+                let bits_of = |v: &[f16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits_of(&alone), bits_of(&whole[row * n..(row + 1) * n]), "bits={bits} row={row}");
+            }
+        }
+    }
+
+    #[test]
     fn permute_rows_moves_whole_rows() {
         let (k, n) = (64, 8);
         let mut rng = Lcg(11);
