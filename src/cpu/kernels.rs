@@ -165,24 +165,24 @@ unsafe fn direct_wide<L: Lanes, const BITS: u32, const PER_WORD: usize>(ctx: &Ct
                 for (m0, r) in rows {
                     let (x, t_rows) = (x_at.add(m0 * k), t.as_mut_ptr().add(m0 * width));
                     let mut p = 0;
+                    // Widest register block first; leftover panels in narrower ones
+                    // (for one row, a lone panel is a single latency-bound chain).
                     macro_rules! blocks {
-                        ($r:literal, $p:literal) => {{
-                            while p + $p <= panels {
-                                word_row_block::<L, $r, $p, BITS, PER_WORD>(words_at.add(p * WIDTH), x, k, t_rows.add(p * WIDTH), width);
-                                p += $p;
-                            }
-                            while p < panels {
-                                word_row_block::<L, $r, 1, BITS, PER_WORD>(words_at.add(p * WIDTH), x, k, t_rows.add(p * WIDTH), width);
-                                p += 1;
-                            }
+                        ($r:literal, $($p:literal),+) => {{
+                            $(
+                                while p + $p <= panels {
+                                    word_row_block::<L, $r, $p, BITS, PER_WORD>(words_at.add(p * WIDTH), x, k, t_rows.add(p * WIDTH), width);
+                                    p += $p;
+                                }
+                            )+
                         }};
                     }
                     match (m, r) {
-                        (1, _) => blocks!(1, 8),
-                        (_, 4) => blocks!(4, 4),
-                        (_, 3) => blocks!(3, 4),
-                        (_, 2) => blocks!(2, 4),
-                        _ => blocks!(1, 4),
+                        (1, _) => blocks!(1, 8, 4, 2, 1),
+                        (_, 4) => blocks!(4, 4, 1),
+                        (_, 3) => blocks!(3, 4, 1),
+                        (_, 2) => blocks!(2, 4, 1),
+                        _ => blocks!(1, 4, 1),
                     }
                 }
             }

@@ -181,7 +181,8 @@ impl<'a> Ctx<'a> {
         // Direct blocks cover the whole 16-column panels; a ragged tail goes to the tile kernel.
         let covered = if self.direct_fits() { self.n / WIDTH * WIDTH } else { 0 };
         // Aim for 4 tasks per thread; which block serves a column never changes its arithmetic.
-        let per_task = covered.div_ceil(4 * super::pool::thread_count()).div_ceil(WIDTH) * WIDTH;
+        // Whole 128-column steps, so one row's 8-panel register blocks fill every block.
+        let per_task = covered.div_ceil(4 * super::pool::thread_count()).div_ceil(128) * 128;
         let direct_cols = per_task.clamp(super::kernels::DIRECT_MIN_COLS, super::kernels::DIRECT_COLS);
         let direct = covered.div_ceil(direct_cols);
         Tasks { direct, direct_cols, tile_start: covered, tile: (self.n - covered).div_ceil(TILE_COLS) }
