@@ -17,8 +17,12 @@ use super::plan::{Ctx, TILE_COLS, Tasks};
 use crate::quant::unpack_value;
 use half::f16;
 
-/// Up to here the direct kernel is faster than the tile (measured on 4096x4096, AVX-512, 2 cores).
-pub const DIRECT_MAX_ROWS: usize = 12;
+/// Up to here the direct kernel serves. Measured against the tile kernel (2
+/// cores, AVX-512): at 4..16 rows it is faster on 4096x4096 (M=16: 3.5 vs 3.9
+/// ms) and 13824x5120 (17.4 vs 21.1 ms), slower on the short 2560x7680 from 12
+/// rows (M=16: 5.5 vs 4.3 ms); the even split at 16 rows went to the layer that
+/// was furthest behind torch.
+pub const DIRECT_MAX_ROWS: usize = 16;
 
 /// Columns of one direct-kernel task at most: 2 KB of each 4-bit word row.
 pub const DIRECT_COLS: usize = 512;
