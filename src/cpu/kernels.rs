@@ -1,10 +1,10 @@
 //! The two kernels and the instruction-set dispatch.
 //!
-//! - direct (M <= DIRECT_MAX_ROWS): each weight is used by so few rows that a
-//!   dequantized tile would cost more than it saves; words are loaded once,
-//!   each field is converted in registers and fed to every row's accumulator.
-//!   Many column panels are walked together so there are enough independent
-//!   fma chains to hide the fma latency.
+//! - direct (M <= DIRECT_MAX_ROWS, 2/4/8-bit weights in stored order): each
+//!   weight is used by so few rows that a dequantized tile would cost more than
+//!   it saves; each field is converted once in registers and fed to the fma
+//!   chains of up to 4 rows, several panels at a time so that enough
+//!   independent chains hide the fma latency; the group sums live in L1.
 //! - tile (more rows, or weights the direct kernel cannot walk): one group chunk
 //!   of one 64-column block is unpacked once into a small f32 tile that stays in
 //!   L1, then a register-blocked micro-kernel (6 rows x 4 panels) streams it
@@ -33,7 +33,7 @@ pub const DIRECT_MIN_COLS: usize = 128;
 
 /// Rows per micro-kernel block: 6 rows x 4 panels = 24 accumulators + 4 weight vectors.
 const MICRO_ROWS: usize = 6;
-/// Reduction steps unpacked into the tile at a time (64 KB... 32 KB of f32 at 128).
+/// Reduction steps unpacked into the tile at a time: 128 x 64 f32, a 32 KB tile that stays in L1.
 const TILE_STEPS: usize = 128;
 
 #[derive(Clone, Copy)]
