@@ -89,7 +89,7 @@ unsafe fn run_avx512(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn run_avx2(ctx: &Ctx<'_>, tasks: &Tasks, task: usize) {
-    unsafe { run_task::<Portable>(ctx, tasks, task) }
+    unsafe { run_task::<super::lanes::Avx2>(ctx, tasks, task) }
 }
 
 #[inline(always)]
