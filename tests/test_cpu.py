@@ -119,3 +119,31 @@ def test_avx512_avx2_and_portable_code_agree_bitwise():
     default = digest_with({})
     for isa in ("avx2", "portable"):
         assert digest_with({"OPT4GPTQ_CPU_ISA": isa}) == default, f"OPT4GPTQ_CPU_ISA={isa}"
+
+
+def test_concurrent_callers_get_the_same_bits():
+    """Python threads calling at once (the GIL is released): one owns the pool, the others run alone."""
+    import threading
+
+    problems = [make_problem(m=m, k=512, n=208, bits=4, group_size=128, act_order=True, use_exllama=True)
+                for m in (1, 5, 24)]
+    expected = [run_op(p, numpy_library()) for p in problems]
+    failures = []
+
+    def worker(index: int) -> None:
+        for _ in range(20):
+            p = problems[index % len(problems)]
+            t = p.t
+            qweight = t.qweight.copy()
+            opt4gptq.gptq_shuffle(qweight, p.perm, 4)
+            got = opt4gptq.gptq_gemm(p.a, qweight, t.qzeros, t.scales, p.perm, True, 4)
+            if not np.array_equal(got.view(np.uint16), expected[index % len(problems)].view(np.uint16)):
+                failures.append(index)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a caller hung"
+    assert not failures, f"callers {sorted(set(failures))} got different bits"
