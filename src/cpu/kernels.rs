@@ -12,6 +12,10 @@
 //!
 //! Both run the formulation described in cpu/mod.rs, step for step.
 
+// Index loops mirror the register blocks (rows x panels), and `p + P <= panels`
+// reads the same for every block width P, 1 included.
+#![allow(clippy::needless_range_loop, clippy::int_plus_one)]
+
 use super::lanes::{Lanes, Portable, WIDTH};
 use super::plan::{Ctx, TILE_COLS, Tasks};
 use crate::quant::unpack_value;

@@ -142,7 +142,7 @@ pub fn parallel_for(tasks: usize, run: &(dyn Fn(usize) + Sync)) {
         return serial();
     };
     let job = Job { run, tasks, next: AtomicUsize::new(0), active: AtomicUsize::new(0), panicked: AtomicBool::new(false) };
-    let published = JobRef(&job as *const Job<'_> as *const Job<'static>);
+    let published = JobRef((&job as *const Job<'_>).cast::<Job<'static>>());
     {
         let mut slot = pool.slot.lock().unwrap_or_else(|e| e.into_inner());
         slot.job = Some(published);
