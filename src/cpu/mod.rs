@@ -1,6 +1,24 @@
-//! The CPU backend: the same function as the GPU kernels, written for clarity.
-//! It serves CPU arrays on every build and is the engine-side reference that
-//! the Rust tests check the packing rules against.
+//! The CPU backend: every format of gptq_gemm, multithreaded and SIMD, with
+//! results that depend on neither the thread count nor M nor where a row sits.
+//!
+//! One arithmetic formulation serves every path (see `plan` for the order):
+//! for each group g (its weight rows in a fixed order) and output element,
+//!     t   = fma chain over the group's rows of x * q      (q: the raw integer, exact in f32)
+//!     d   = fma(-z, sum_x, t)                             (sum_x: that row's x summed over the group)
+//!     acc = fma(scale, d, acc)
+//! and one rounding of acc to fp16. The factored form (rather than
+//! fma(x, scale * (q - z), acc) per weight) is chosen because it needs one
+//! fused multiply-add per weight instead of two, and M = 1 on two cores is
+//! limited by instruction count as much as by memory. Each path (the direct
+//! few-row kernel, the tile kernel, the portable and the AVX-512 lanes) performs
+//! exactly these operations in exactly this order, so they agree bit for bit.
+
+mod kernels;
+mod lanes;
+mod plan;
+mod pool;
+
+pub use pool::thread_count;
 
 use crate::quant::{GemmShape, pack_value, tc_position_of_row, unpack_value};
 use half::f16;
@@ -21,79 +39,17 @@ pub struct CpuGemm<'a> {
     pub tc_order: bool,
 }
 
-/// Dequantized weights, row-major [k, n], in the order the rows are stored.
-fn dequantize(p: &CpuGemm<'_>) -> Vec<f32> {
-    let s = &p.shape;
-    let (k, n, bits) = (s.k, s.n, s.bits);
-    let zero_words = s.zero_words();
-    let mut zeros = vec![0i32; s.groups * n];
-    for g in 0..s.groups {
-        let row = &p.qzeros[g * zero_words..(g + 1) * zero_words];
-        for col in 0..n {
-            zeros[g * n + col] = unpack_value(bits, col, |w| row[w] as u32) as i32 + s.zero_offset;
-        }
-    }
-    let mut weights = vec![0f32; k * n];
-    for r in 0..k {
-        let g = p.g_idx.map_or(r / s.group_size(), |g_idx| g_idx[r] as usize);
-        let out_row = &mut weights[r * n..(r + 1) * n];
-        for (col, w) in out_row.iter_mut().enumerate() {
-            let position = if p.tc_order { r / 32 * 32 + tc_position_of_row(r % 32) } else { r };
-            let q = unpack_value(bits, position, |word| p.qweight[word * n + col] as u32) as i32;
-            *w = p.scales[g * n + col].to_f32() * (q - zeros[g * n + col]) as f32;
-        }
-    }
-    weights
-}
-
-/// out[m, cols] for one contiguous column range, accumulated in f32 in row order.
-fn gemm_columns(p: &CpuGemm<'_>, weights: &[f32], cols: std::ops::Range<usize>) -> Vec<f32> {
-    let s = &p.shape;
-    let width = cols.len();
-    let mut result = vec![0f32; s.m * width];
-    for m in 0..s.m {
-        let a_row = &p.a[m * s.lda..m * s.lda + s.k];
-        let acc = &mut result[m * width..(m + 1) * width];
-        for r in 0..s.k {
-            let source = p.perm.map_or(r, |perm| perm[r] as usize);
-            let x = a_row[source].to_f32();
-            let w_row = &weights[r * s.n + cols.start..r * s.n + cols.end];
-            for (a, w) in acc.iter_mut().zip(w_row) {
-                *a += x * w;
-            }
-        }
-    }
-    result
-}
-
-/// out = a[:, perm] @ dequant(weights), rounded once to fp16.
+/// out = a[:, perm] @ dequant(weights), accumulated in f32 and rounded once to fp16.
 pub fn gemm(p: &CpuGemm<'_>, out: &mut [f16]) {
     let s = &p.shape;
     if s.m == 0 || s.n == 0 {
         return;
     }
-    let weights = dequantize(p);
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(s.n.div_ceil(64)).max(1);
-    let chunk = s.n.div_ceil(threads);
-    let ranges: Vec<_> = (0..s.n).step_by(chunk).map(|start| start..(start + chunk).min(s.n)).collect();
-    let parts: Vec<Vec<f32>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranges
-            .iter()
-            .map(|cols| {
-                let weights = &weights;
-                scope.spawn(move || gemm_columns(p, weights, cols.clone()))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("CPU gemm worker panicked")).collect()
-    });
-    for (cols, part) in ranges.iter().zip(&parts) {
-        let width = cols.len();
-        for m in 0..s.m {
-            for (j, value) in part[m * width..(m + 1) * width].iter().enumerate() {
-                out[m * s.n + cols.start + j] = f16::from_f32(*value);
-            }
-        }
-    }
+    assert!(out.len() >= s.m * s.n, "CPU gemm output too small");
+    let ctx = plan::Ctx::new(p, out.as_mut_ptr());
+    let isa = kernels::Isa::detect();
+    let tasks = ctx.tasks();
+    pool::parallel_for(tasks.count(), &|task| unsafe { isa.run(&ctx, &tasks, task) });
 }
 
 /// gptq_shuffle on the CPU: dst row r (unpacked) = src row perm[r] (None: row
@@ -190,6 +146,43 @@ mod tests {
                     let got = out[mi * n + col].to_f64();
                     assert!((got - expected).abs() <= 1e-3 * expected.abs().max(1e-2), "bits={bits} got {got} expected {expected}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn each_row_alone_equals_its_row_in_a_batch_bit_for_bit() {
+        // 20 rows take the tile kernel, one row the direct kernel; 208 columns leave a ragged tile tail.
+        let (m, k, n, groups) = (20, 256, 208, 2);
+        let mut rng = Lcg(3);
+        for (bits, tc_order) in [(4u32, true), (4, false), (2, false), (8, false), (3, false)] {
+            let n = if bits == 3 { 224 } else { n };
+            let q: Vec<u32> = (0..k * n).map(|_| rng.next() % (1 << bits)).collect();
+            let qweight = pack_rows(&q, k, n, bits);
+            let qzeros: Vec<i32> = (0..groups * n * bits as usize / 32).map(|_| rng.next() as i32).collect();
+            let scales: Vec<f16> = (0..groups * n).map(|_| f16::from_f32(0.002 + (rng.next() % 100) as f32 * 1e-4)).collect();
+            let a: Vec<f16> = (0..m * k).map(|_| f16::from_f32((rng.next() % 2000) as f32 / 1000.0 - 1.0)).collect();
+            let perm: Vec<i32> = (0..k as i32).map(|r| (r * 37 + 5) % k as i32).collect();
+            let problem = |rows: usize, a: &'_ [f16]| -> Vec<f16> {
+                let p = CpuGemm {
+                    shape: GemmShape { m: rows, k, n, groups, bits, lda: k, zero_offset: 1 },
+                    a,
+                    qweight: &qweight,
+                    qzeros: &qzeros,
+                    scales: &scales,
+                    g_idx: None,
+                    perm: Some(&perm),
+                    tc_order,
+                };
+                let mut out = vec![f16::NAN; rows * n];
+                gemm(&p, &mut out);
+                out
+            };
+            let whole = problem(m, &a);
+            for row in 0..m {
+                let alone = problem(1, &a[row * k..(row + 1) * k]);
+                let bits_of = |v: &[f16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits_of(&alone), bits_of(&whole[row * n..(row + 1) * n]), "bits={bits} row={row}");
             }
         }
     }
