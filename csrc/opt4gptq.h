@@ -67,7 +67,7 @@ typedef struct o4g_gemm_args {
 } o4g_gemm_args;
 
 /* The wgmma block shapes (instances/wgmma_b4.cu) and the largest K split. */
-#define O4G_WGMMA_TILES 6
+#define O4G_WGMMA_TILES 8
 #define O4G_WGMMA_MAX_SPLITS 8
 
 /* What the dispatch needs to know of a device, read once. */

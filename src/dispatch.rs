@@ -94,14 +94,18 @@ pub struct WgmmaTile {
 }
 
 /// Block shapes: the smallest that holds a call's rows serves it (256 rows
-/// per block beyond).
-pub const WGMMA_TILES: [WgmmaTile; 6] = [
+/// per block beyond), one block per SM; the last two are the 16- and 32-row
+/// blocks two to an SM (6 stages each), which the plan takes where they
+/// finish first (`wgmma_plan`).
+pub const WGMMA_TILES: [WgmmaTile; 8] = [
     WgmmaTile { tokens: 8, stage_k: 128, blocks_per_sm: 1 },
     WgmmaTile { tokens: 16, stage_k: 128, blocks_per_sm: 1 },
     WgmmaTile { tokens: 32, stage_k: 128, blocks_per_sm: 1 },
     WgmmaTile { tokens: 64, stage_k: 128, blocks_per_sm: 1 },
     WgmmaTile { tokens: 128, stage_k: 128, blocks_per_sm: 1 },
     WgmmaTile { tokens: 256, stage_k: 64, blocks_per_sm: 1 },
+    WgmmaTile { tokens: 16, stage_k: 128, blocks_per_sm: 2 },
+    WgmmaTile { tokens: 32, stage_k: 128, blocks_per_sm: 2 },
 ];
 
 /// Below this many rows the mma.sync decode kernel (gemm_mma.cuh) is faster
@@ -162,14 +166,39 @@ pub fn tuned_wgmma_plan(plan: WgmmaPlan, k: usize) -> Result<WgmmaPlan> {
 /// the K split whose waves finish first (`plan_cost`). Each block keeps at
 /// least two stages.
 pub fn wgmma_plan(m: usize, n: usize, k: usize, caps: &DeviceCaps) -> WgmmaPlan {
-    let tile = WGMMA_TILES.iter().position(|t| t.tokens >= m).unwrap_or(WGMMA_TILES.len() - 1);
+    let tile = WGMMA_TILES.iter().position(|t| t.tokens >= m && t.blocks_per_sm == 1).unwrap_or(5);
     let shape = WGMMA_TILES[tile];
     let blocks = n.div_ceil(WGMMA_COLUMNS) * m.max(1).div_ceil(shape.tokens);
     let stages = k / shape.stage_k;
     let most = WGMMA_MAX_SPLITS.min((stages / 2).max(1));
     let cost = |splits: usize| plan_cost(blocks, stages, splits, caps.cluster_slots(tile, splits), shape.tokens);
     let splits = (2..=most).fold(1, |best, splits| if cost(splits) < cost(best) { splits } else { best });
+    // The same rows two blocks to an SM, at the same split, where that ends
+    // sooner: an SM then streams its blocks' stages back to back and pays
+    // one fill, where one block per SM pays a fill per wave. Measured on the
+    // H200 (benchmarks/NOTES.md, "who copies the weights"): 4096x22016 at 16
+    // rows, split 2 (344 blocks), 37.7 us against 43.3; where every block has
+    // an SM of its own (11008x4096, 96 blocks) a lone SM's pair is slower
+    // (29.9 against 26.6), and the model ties there, so one block stays.
+    let paired = WGMMA_TILES.iter().position(|t| t.tokens == shape.tokens && t.blocks_per_sm == 2);
+    if let Some(paired) = paired {
+        let one = cost(splits);
+        let two = paired_cost(blocks, stages, splits, caps.sms, shape.tokens);
+        if two < one {
+            return WgmmaPlan { tile: paired, splits };
+        }
+    }
     WgmmaPlan { tile, splits }
+}
+
+/// Modeled time, in stages, of `blocks` output tiles of `splits` blocks
+/// each, two blocks to an SM: the busiest SM runs
+/// its blocks' shares of K one after another at the SM's bandwidth (the
+/// pair shares it), plus one fill and the cluster's reduction.
+pub fn paired_cost(blocks: usize, stages: usize, splits: usize, sms: usize, tokens: usize) -> f64 {
+    let per_sm = (blocks * splits).div_ceil(sms.max(1));
+    let reduction = (splits - 1) as f64 * tokens as f64 / 64.0;
+    per_sm as f64 * stages as f64 / splits as f64 + WGMMA_FILL_STAGES + reduction
 }
 
 /// Stages a block spends beyond its share of K: filling the ring and draining it.
@@ -725,9 +754,24 @@ mod tests {
         assert_eq!(plan(100, 4096, 4096).tile, 4);
         // Every block keeps at least two stages of K.
         assert_eq!(plan(1, 128, 256).splits, 1);
-        for (index, tile) in WGMMA_TILES.iter().enumerate() {
+        for (index, tile) in WGMMA_TILES.iter().enumerate().filter(|(_, t)| t.blocks_per_sm == 1) {
             assert_eq!(plan(tile.tokens, 4096, 4096).tile, index);
         }
+    }
+
+    #[test]
+    fn two_blocks_per_sm_where_one_per_sm_leaves_a_ragged_last_wave() {
+        let mut h200 = HOPPER;
+        h200.wgmma_cluster_slots[1][1] = 66;
+        h200.wgmma_cluster_slots[1][2] = 40;  // as the H200 reports: its plan at 16 rows is split 2
+        // 4096x22016 at 16 rows: 344 blocks of split 2 take 2.6 waves one to an SM.
+        assert_eq!(wgmma_plan(16, 22016, 4096, &h200), WgmmaPlan { tile: 6, splits: 2 });
+        assert_eq!(WGMMA_TILES[6], WgmmaTile { tokens: 16, stage_k: 128, blocks_per_sm: 2 });
+        // 11008x4096 and 4096x4096: every block has an SM of its own; one block per SM stays.
+        assert_eq!(wgmma_plan(16, 4096, 11008, &h200).tile, 1);
+        assert_eq!(wgmma_plan(16, 4096, 4096, &h200).tile, 1);
+        // 64 rows and more have no paired shape.
+        assert_eq!(wgmma_plan(64, 22016, 4096, &h200).tile, 3);
     }
 
     #[test]

@@ -12,7 +12,7 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
-// The block shapes, indexed by o4g_gemm_args.tile (src/plan.rs, WGMMA_TILES
+// The block shapes, indexed by o4g_gemm_args.tile (src/dispatch.rs, WGMMA_TILES
 // mirrors this list: tokens, stage k, stages, blocks per SM).
 // Ring depth: as many stages as shared memory holds (up to 12). The kernel
 // streams its weights through that ring, so the stages in flight bound its
@@ -24,6 +24,12 @@ using Tile32 = WgmmaShape<32, 128, 12, 1>;
 using Tile64 = WgmmaShape<64, 128, 8, 1>;
 using Tile128 = WgmmaShape<128, 128, 5, 1>;
 using Tile256 = WgmmaShape<256, 64, 6, 1>;
+// Two blocks per SM at 16 and 32 rows, where one per SM would leave a
+// ragged last wave (src/dispatch.rs, wgmma_plan). The register cap (112 per
+// thread) makes ptxas issue their wgmmas one by one; at these row counts the
+// copies, not the tensor cores, set the pace.
+using Tile16Paired = WgmmaShape<16, 128, 6, 2>;
+using Tile32Paired = WgmmaShape<32, 128, 6, 2>;
 
 // The driver's tensor-map encoder, found once through the runtime (no link
 // against libcuda: the wheel carries only the static runtime).
@@ -161,6 +167,8 @@ cudaError_t wgmma_cluster_slots(int device, int tile, int splits, int *clusters)
     case 3: return cluster_slots_of<Tile64>(device, splits, clusters);
     case 4: return cluster_slots_of<Tile128>(device, splits, clusters);
     case 5: return cluster_slots_of<Tile256>(device, splits, clusters);
+    case 6: return cluster_slots_of<Tile16Paired>(device, splits, clusters);
+    case 7: return cluster_slots_of<Tile32Paired>(device, splits, clusters);
     default: return cudaErrorInvalidValue;
     }
 }
@@ -174,6 +182,8 @@ cudaError_t launch_wgmma(const GemmParams &p, int tile, int splits, cudaStream_t
     case 3: return launch_shape<Tile64>(p, splits, stream);
     case 4: return launch_shape<Tile128>(p, splits, stream);
     case 5: return launch_shape<Tile256>(p, splits, stream);
+    case 6: return launch_shape<Tile16Paired>(p, splits, stream);
+    case 7: return launch_shape<Tile32Paired>(p, splits, stream);
     default: return cudaErrorInvalidValue;
     }
 }
