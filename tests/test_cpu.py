@@ -147,3 +147,30 @@ def test_concurrent_callers_get_the_same_bits():
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads), "a caller hung"
     assert not failures, f"callers {sorted(set(failures))} got different bits"
+
+
+# Starts the pool, forks, and has the child compute the same call: a forked child
+# has no helper threads (and may hold copies of their locks), so it must run alone.
+FORK_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[1])
+    from conftest import make_problem, numpy_library, run_op
+    problem = make_problem(m=3, k=1024, n=512, bits=4, group_size=128, act_order=True, use_exllama=True, seed=5)
+    parent = run_op(problem, numpy_library()).tobytes()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(write, b"same" if run_op(problem, numpy_library()).tobytes() == parent else b"diff")
+        os._exit(0)
+    _, status = os.waitpid(child, 0)
+    print(os.read(read, 4).decode(), status)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_computes_without_the_parents_threads():
+    env = dict(os.environ, OPT4GPTQ_NUM_THREADS="3")
+    result = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(ROOT / "tests")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["same", "0"], result.stdout + result.stderr

@@ -73,6 +73,10 @@ struct Pool {
     generation: AtomicU64,
     /// One call at a time owns the helpers; a concurrent caller runs alone.
     busy: Mutex<()>,
+    /// The process that started the helpers. A child made by fork() has none
+    /// of them, and may hold copies of locks a helper held at the fork, so it
+    /// runs every call on its own thread instead of touching the pool.
+    owner_process: u32,
 }
 
 fn pool() -> &'static Pool {
@@ -83,6 +87,7 @@ fn pool() -> &'static Pool {
             wake: Condvar::new(),
             generation: AtomicU64::new(0),
             busy: Mutex::new(()),
+            owner_process: std::process::id(),
         }));
         for i in 1..thread_count() {
             std::thread::Builder::new()
@@ -138,6 +143,9 @@ pub fn parallel_for(tasks: usize, run: &(dyn Fn(usize) + Sync)) {
         return serial();
     }
     let pool = pool();
+    if pool.owner_process != std::process::id() {
+        return serial();
+    }
     let Ok(_owner) = pool.busy.try_lock() else {
         return serial();
     };
