@@ -11,7 +11,8 @@
 #
 # Stages: env, wgmma-tests, gpu-tests (every GPU test file), mma-tests,
 # bench-quick (Llama-2-7B, few M, no peers), bench MODEL [M list] (with peers),
-# peers-smoke, selfcheck, pytest SELECTION, probe WHAT, ncu K N M, anatomy.
+# peers-smoke, selfcheck, pytest SELECTION, probe WHAT, ncu K N M, anatomy,
+# invariance (benchmarks/probes/invariance_probe.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/opt4gptq-out}
@@ -90,6 +91,11 @@ while [ $# -gt 0 ]; do
         timeout 240 python3 benchmarks/probes/peers_smoke.py >"$OUT/peers_smoke.log" 2>&1
         echo "peers-smoke rc $?" | tee -a "$SUMMARY"
         tail -n 25 "$OUT/peers_smoke.log" | tee -a "$SUMMARY"
+        ;;
+    invariance)  # batch invariance probe (issue 14)
+        timeout 240 python3 benchmarks/probes/invariance_probe.py >"$OUT/invariance.log" 2>&1
+        echo "invariance rc $?" | tee -a "$SUMMARY"
+        tail -n 30 "$OUT/invariance.log" | cut -c1-400 | tee -a "$SUMMARY"
         ;;
     selfcheck)
         timeout 120 python3 -m opt4gptq >"$OUT/selfcheck.log" 2>&1
