@@ -185,12 +185,22 @@ unsafe fn direct_wide<L: Lanes, const BITS: u32, const PER_WORD: usize>(ctx: &Ct
                             )+
                         }};
                     }
-                    match (m, r) {
-                        (1, _) => blocks!(1, 8, 4, 2, 1),
-                        (_, 4) => blocks!(4, 4, 1),
-                        (_, 3) => blocks!(3, 4, 1),
-                        (_, 2) => blocks!(2, 4, 1),
-                        _ => blocks!(1, 4, 1),
+                    // The widest blocks are L's (see Lanes); const generics cannot take
+                    // L's consts on stable Rust, so each size is a literal arm, and the
+                    // match on constants leaves only one arm per L.
+                    match (m, r, L::DIRECT_ONE_ROW_PANELS, L::DIRECT_PANELS) {
+                        (1, _, 8, _) => blocks!(1, 8, 4, 2, 1),
+                        (1, _, 4, _) => blocks!(1, 4, 2, 1),
+                        (1, _, 2, _) => blocks!(1, 2, 1),
+                        (1, _, _, _) => blocks!(1, 1),
+                        (_, 4, _, 4) => blocks!(4, 4, 1),
+                        (_, 3, _, 4) => blocks!(3, 4, 1),
+                        (_, 2, _, 4) => blocks!(2, 4, 1),
+                        (_, _, _, 4) => blocks!(1, 4, 1),
+                        (_, 4, _, _) => blocks!(4, 1),
+                        (_, 3, _, _) => blocks!(3, 1),
+                        (_, 2, _, _) => blocks!(2, 1),
+                        _ => blocks!(1, 1),
                     }
                 }
             }
@@ -350,10 +360,10 @@ unsafe fn fill_tile<L: Lanes>(ctx: &Ctx<'_>, start: usize, len: usize, col0: usi
     }
 }
 
-/// t[r][..] += x[r][i] * tile[i][..] over len steps, R rows, all TILE_COLS columns.
+/// t[r][..] += x[r][i] * tile[i][..] over len steps, R rows, P panels (tile and
+/// t rows are TILE_COLS apart).
 #[inline(always)]
-unsafe fn micro<L: Lanes, const R: usize>(tile: *const f32, len: usize, x: *const f32, ldx: usize, t: *mut f32) {
-    const P: usize = TILE_COLS / WIDTH;
+unsafe fn micro<L: Lanes, const R: usize, const P: usize>(tile: *const f32, len: usize, x: *const f32, ldx: usize, t: *mut f32) {
     unsafe {
         let mut acc: [[L; P]; R] = std::array::from_fn(|r| std::array::from_fn(|p| L::load(t.add(r * TILE_COLS + p * WIDTH))));
         for i in 0..len {
@@ -369,6 +379,20 @@ unsafe fn micro<L: Lanes, const R: usize>(tile: *const f32, len: usize, x: *cons
             for p in 0..P {
                 acc[r][p].store(t.add(r * TILE_COLS + p * WIDTH));
             }
+        }
+    }
+}
+
+/// R rows of all TILE_COLS columns, L::MICRO_PANELS panels per pass over the
+/// tile (each element's fma chain runs over the steps in order either way).
+#[inline(always)]
+unsafe fn micro_rows<L: Lanes, const R: usize>(tile: *const f32, len: usize, x: *const f32, ldx: usize, t: *mut f32) {
+    const PANELS: usize = TILE_COLS / WIDTH;
+    unsafe {
+        match L::MICRO_PANELS {
+            4 => micro::<L, R, 4>(tile, len, x, ldx, t),
+            2 => (0..PANELS).step_by(2).for_each(|p| micro::<L, R, 2>(tile.add(p * WIDTH), len, x, ldx, t.add(p * WIDTH))),
+            _ => (0..PANELS).for_each(|p| micro::<L, R, 1>(tile.add(p * WIDTH), len, x, ldx, t.add(p * WIDTH))),
         }
     }
 }
@@ -393,12 +417,12 @@ unsafe fn tile_block<L: Lanes>(ctx: &Ctx<'_>, col0: usize, width: usize) {
                     let rows = MICRO_ROWS.min(m - r0);
                     let (x, tr) = (ctx.xs.as_ptr().add(r0 * k + start), t.as_mut_ptr().add(r0 * TILE_COLS));
                     match rows {
-                        6 => micro::<L, 6>(tile.as_ptr(), len, x, k, tr),
-                        5 => micro::<L, 5>(tile.as_ptr(), len, x, k, tr),
-                        4 => micro::<L, 4>(tile.as_ptr(), len, x, k, tr),
-                        3 => micro::<L, 3>(tile.as_ptr(), len, x, k, tr),
-                        2 => micro::<L, 2>(tile.as_ptr(), len, x, k, tr),
-                        _ => micro::<L, 1>(tile.as_ptr(), len, x, k, tr),
+                        6 => micro_rows::<L, 6>(tile.as_ptr(), len, x, k, tr),
+                        5 => micro_rows::<L, 5>(tile.as_ptr(), len, x, k, tr),
+                        4 => micro_rows::<L, 4>(tile.as_ptr(), len, x, k, tr),
+                        3 => micro_rows::<L, 3>(tile.as_ptr(), len, x, k, tr),
+                        2 => micro_rows::<L, 2>(tile.as_ptr(), len, x, k, tr),
+                        _ => micro_rows::<L, 1>(tile.as_ptr(), len, x, k, tr),
                     }
                     r0 += rows;
                 }
