@@ -212,12 +212,14 @@ mod x86 {
     /// Only reached from functions compiled with avx2, fma and f16c enabled, after runtime detection.
     impl Lanes for Avx2 {
         type Words = (__m256i, __m256i);
-        // In ymm registers (two per panel), out of 16: 1 row x 4 panels is 8
-        // accumulators (the 8 independent fma chains that hide the latency) +
-        // 8 word halves; 4 rows x 1 panel: 8 + 2 + 4 broadcasts; micro 6 rows x
-        // 1 panel: 12 + 2 + 1 broadcast. The AVX-512 blocks needed 32 to 56 and
-        // spilled.
-        const DIRECT_ONE_ROW_PANELS: usize = 4;
+        // In ymm registers (two per panel), out of 16: 1 row x 2 panels is 4
+        // accumulators + 4 word halves; 4 rows x 1 panel: 8 + 2 + 4 broadcasts;
+        // micro 6 rows x 1 panel: 12 + 2 + 1 broadcast. The AVX-512 blocks needed
+        // 32 to 56 and spilled. At M = 1 each fma comes with a convert on the same
+        // two ports, so 4 chains in flight already keep them busy: 2 panels
+        // measured as fast as 4 at 4096x4096 (~1.0 ms) and up to 15% faster at
+        // 4096x22016 and 13824x5120 (medians of interleaved runs, noisy VM).
+        const DIRECT_ONE_ROW_PANELS: usize = 2;
         const DIRECT_PANELS: usize = 1;
         const MICRO_PANELS: usize = 1;
         #[inline(always)]
