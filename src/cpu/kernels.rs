@@ -7,7 +7,8 @@
 //!   independent chains hide the fma latency; the group sums live in L1.
 //! - tile (more rows, or weights the direct kernel cannot walk): one group chunk
 //!   of one 64-column block is unpacked once into a small f32 tile that stays in
-//!   L1, then a register-blocked micro-kernel (6 rows x 4 panels) streams it
+//!   L1, then a register-blocked micro-kernel (6 rows x 4 panels on AVX-512; the
+//!   block sizes are each Lanes implementation's own) streams it
 //!   for every block of rows.
 //!
 //! Both run the formulation described in cpu/mod.rs, step for step.
@@ -35,7 +36,8 @@ pub const DIRECT_COLS: usize = 512;
 /// late thread left the other idle).
 pub const DIRECT_MIN_COLS: usize = 128;
 
-/// Rows per micro-kernel block: 6 rows x 4 panels = 24 accumulators + 4 weight vectors.
+/// Rows per micro-kernel block: 6 rows x 4 panels = 24 accumulators + 4 weight
+/// vectors with AVX-512; with AVX2 6 rows x 1 panel (Lanes::MICRO_PANELS).
 const MICRO_ROWS: usize = 6;
 /// Reduction steps unpacked into the tile at a time: 128 x 64 f32, a 32 KB tile that stays in L1.
 const TILE_STEPS: usize = 128;
