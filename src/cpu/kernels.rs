@@ -7,7 +7,8 @@
 //!   independent chains hide the fma latency; the group sums live in L1.
 //! - tile (more rows, or weights the direct kernel cannot walk): one group chunk
 //!   of one 64-column block is unpacked once into a small f32 tile that stays in
-//!   L1, then a register-blocked micro-kernel (6 rows x 4 panels) streams it
+//!   L1, then a register-blocked micro-kernel (6 rows x 4 panels on AVX-512; the
+//!   block sizes are each Lanes implementation's own) streams it
 //!   for every block of rows.
 //!
 //! Both run the formulation described in cpu/mod.rs, step for step.
@@ -35,7 +36,8 @@ pub const DIRECT_COLS: usize = 512;
 /// late thread left the other idle).
 pub const DIRECT_MIN_COLS: usize = 128;
 
-/// Rows per micro-kernel block: 6 rows x 4 panels = 24 accumulators + 4 weight vectors.
+/// Rows per micro-kernel block: 6 rows x 4 panels = 24 accumulators + 4 weight
+/// vectors with AVX-512; with AVX2 6 rows x 1 panel (Lanes::MICRO_PANELS).
 const MICRO_ROWS: usize = 6;
 /// Reduction steps unpacked into the tile at a time: 128 x 64 f32, a 32 KB tile that stays in L1.
 const TILE_STEPS: usize = 128;
@@ -185,12 +187,22 @@ unsafe fn direct_wide<L: Lanes, const BITS: u32, const PER_WORD: usize>(ctx: &Ct
                             )+
                         }};
                     }
-                    match (m, r) {
-                        (1, _) => blocks!(1, 8, 4, 2, 1),
-                        (_, 4) => blocks!(4, 4, 1),
-                        (_, 3) => blocks!(3, 4, 1),
-                        (_, 2) => blocks!(2, 4, 1),
-                        _ => blocks!(1, 4, 1),
+                    // The widest blocks are L's (see Lanes); const generics cannot take
+                    // L's consts on stable Rust, so each size is a literal arm, and the
+                    // match on constants leaves only one arm per L.
+                    match (m, r, L::DIRECT_ONE_ROW_PANELS, L::DIRECT_PANELS) {
+                        (1, _, 8, _) => blocks!(1, 8, 4, 2, 1),
+                        (1, _, 4, _) => blocks!(1, 4, 2, 1),
+                        (1, _, 2, _) => blocks!(1, 2, 1),
+                        (1, _, _, _) => blocks!(1, 1),
+                        (_, 4, _, 4) => blocks!(4, 4, 1),
+                        (_, 3, _, 4) => blocks!(3, 4, 1),
+                        (_, 2, _, 4) => blocks!(2, 4, 1),
+                        (_, _, _, 4) => blocks!(1, 4, 1),
+                        (_, 4, _, _) => blocks!(4, 1),
+                        (_, 3, _, _) => blocks!(3, 1),
+                        (_, 2, _, _) => blocks!(2, 1),
+                        _ => blocks!(1, 1),
                     }
                 }
             }
@@ -350,10 +362,10 @@ unsafe fn fill_tile<L: Lanes>(ctx: &Ctx<'_>, start: usize, len: usize, col0: usi
     }
 }
 
-/// t[r][..] += x[r][i] * tile[i][..] over len steps, R rows, all TILE_COLS columns.
+/// t[r][..] += x[r][i] * tile[i][..] over len steps, R rows, P panels (tile and
+/// t rows are TILE_COLS apart).
 #[inline(always)]
-unsafe fn micro<L: Lanes, const R: usize>(tile: *const f32, len: usize, x: *const f32, ldx: usize, t: *mut f32) {
-    const P: usize = TILE_COLS / WIDTH;
+unsafe fn micro<L: Lanes, const R: usize, const P: usize>(tile: *const f32, len: usize, x: *const f32, ldx: usize, t: *mut f32) {
     unsafe {
         let mut acc: [[L; P]; R] = std::array::from_fn(|r| std::array::from_fn(|p| L::load(t.add(r * TILE_COLS + p * WIDTH))));
         for i in 0..len {
@@ -369,6 +381,20 @@ unsafe fn micro<L: Lanes, const R: usize>(tile: *const f32, len: usize, x: *cons
             for p in 0..P {
                 acc[r][p].store(t.add(r * TILE_COLS + p * WIDTH));
             }
+        }
+    }
+}
+
+/// R rows of all TILE_COLS columns, L::MICRO_PANELS panels per pass over the
+/// tile (each element's fma chain runs over the steps in order either way).
+#[inline(always)]
+unsafe fn micro_rows<L: Lanes, const R: usize>(tile: *const f32, len: usize, x: *const f32, ldx: usize, t: *mut f32) {
+    const PANELS: usize = TILE_COLS / WIDTH;
+    unsafe {
+        match L::MICRO_PANELS {
+            4 => micro::<L, R, 4>(tile, len, x, ldx, t),
+            2 => (0..PANELS).step_by(2).for_each(|p| micro::<L, R, 2>(tile.add(p * WIDTH), len, x, ldx, t.add(p * WIDTH))),
+            _ => (0..PANELS).for_each(|p| micro::<L, R, 1>(tile.add(p * WIDTH), len, x, ldx, t.add(p * WIDTH))),
         }
     }
 }
@@ -393,12 +419,12 @@ unsafe fn tile_block<L: Lanes>(ctx: &Ctx<'_>, col0: usize, width: usize) {
                     let rows = MICRO_ROWS.min(m - r0);
                     let (x, tr) = (ctx.xs.as_ptr().add(r0 * k + start), t.as_mut_ptr().add(r0 * TILE_COLS));
                     match rows {
-                        6 => micro::<L, 6>(tile.as_ptr(), len, x, k, tr),
-                        5 => micro::<L, 5>(tile.as_ptr(), len, x, k, tr),
-                        4 => micro::<L, 4>(tile.as_ptr(), len, x, k, tr),
-                        3 => micro::<L, 3>(tile.as_ptr(), len, x, k, tr),
-                        2 => micro::<L, 2>(tile.as_ptr(), len, x, k, tr),
-                        _ => micro::<L, 1>(tile.as_ptr(), len, x, k, tr),
+                        6 => micro_rows::<L, 6>(tile.as_ptr(), len, x, k, tr),
+                        5 => micro_rows::<L, 5>(tile.as_ptr(), len, x, k, tr),
+                        4 => micro_rows::<L, 4>(tile.as_ptr(), len, x, k, tr),
+                        3 => micro_rows::<L, 3>(tile.as_ptr(), len, x, k, tr),
+                        2 => micro_rows::<L, 2>(tile.as_ptr(), len, x, k, tr),
+                        _ => micro_rows::<L, 1>(tile.as_ptr(), len, x, k, tr),
                     }
                     r0 += rows;
                 }

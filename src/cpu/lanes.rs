@@ -21,6 +21,19 @@ pub const WIDTH: usize = 16;
 
 pub trait Lanes: Copy {
     type Words: Copy;
+    /// Register-block sizes of the kernels, in 16-lane panels, chosen per
+    /// implementation because they must fit its register file: AVX-512 has 32
+    /// zmm registers of 16 lanes, AVX2 16 ymm registers of 8 lanes, so one AVX2
+    /// panel takes two registers out of half as many. Blocking never changes
+    /// the operations on one output element or their order, only how many
+    /// elements are in flight, so the results stay bit for bit the same.
+    ///
+    /// Widest panel block of the direct kernel at M = 1 (8, 4, 2 or 1).
+    const DIRECT_ONE_ROW_PANELS: usize;
+    /// Panels of the direct kernel's blocks of 2..4 rows (4 or 1).
+    const DIRECT_PANELS: usize;
+    /// Panels per pass of the tile micro-kernel over its 4-panel tile (4, 2 or 1).
+    const MICRO_PANELS: usize;
     unsafe fn splat(x: f32) -> Self;
     unsafe fn load(p: *const f32) -> Self;
     unsafe fn store(self, p: *mut f32);
@@ -48,6 +61,11 @@ pub struct Portable([f32; WIDTH]);
 
 impl Lanes for Portable {
     type Words = [u32; WIDTH];
+    // As AVX-512: compiled for AVX-512 these arrays are zmm registers, and the
+    // equivalence tests need no blocks of their own.
+    const DIRECT_ONE_ROW_PANELS: usize = 8;
+    const DIRECT_PANELS: usize = 4;
+    const MICRO_PANELS: usize = 4;
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
         Portable([x; WIDTH])
@@ -113,6 +131,11 @@ mod x86 {
     // #[target_feature(enable = "avx512f")] after runtime detection.
     impl Lanes for Avx512 {
         type Words = __m512i;
+        // 1 row x 8 panels: 8 accumulators + 8 word vectors; 4 x 4: 16 + 4 + 4
+        // broadcasts; micro 6 x 4: 24 + 4 (see kernels.rs).
+        const DIRECT_ONE_ROW_PANELS: usize = 8;
+        const DIRECT_PANELS: usize = 4;
+        const MICRO_PANELS: usize = 4;
         #[inline(always)]
         unsafe fn splat(x: f32) -> Self {
             Avx512(unsafe { _mm512_set1_ps(x) })
@@ -189,6 +212,16 @@ mod x86 {
     /// Only reached from functions compiled with avx2, fma and f16c enabled, after runtime detection.
     impl Lanes for Avx2 {
         type Words = (__m256i, __m256i);
+        // In ymm registers (two per panel), out of 16: 1 row x 2 panels is 4
+        // accumulators + 4 word halves; 4 rows x 1 panel: 8 + 2 + 4 broadcasts;
+        // micro 6 rows x 1 panel: 12 + 2 + 1 broadcast. The AVX-512 blocks needed
+        // 32 to 56 and spilled. At M = 1 each fma comes with a convert on the same
+        // two ports, so 4 chains in flight already keep them busy: 2 panels
+        // measured as fast as 4 at 4096x4096 (~1.0 ms) and up to 15% faster at
+        // 4096x22016 and 13824x5120 (medians of interleaved runs, noisy VM).
+        const DIRECT_ONE_ROW_PANELS: usize = 2;
+        const DIRECT_PANELS: usize = 1;
+        const MICRO_PANELS: usize = 1;
         #[inline(always)]
         unsafe fn splat(x: f32) -> Self {
             unsafe { Avx2(_mm256_set1_ps(x), _mm256_set1_ps(x)) }
@@ -230,19 +263,26 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn field_in_place(w: Self::Words, mask: u32) -> Self {
-            // No unsigned convert before AVX-512: convert the low 31 bits and add
-            // bit 31 back as 2^31. The value has at most 8 significant bits, so
-            // both parts and their sum are exact.
+            // No unsigned convert before AVX-512, and only the top field of a
+            // word (mask reaching bit 31) needs one.
             unsafe {
-                let mask = _mm256_set1_epi32(mask as i32);
-                let low31 = _mm256_set1_epi32(i32::MAX);
-                let two31 = _mm256_set1_ps(2147483648.0);
-                let half = |v: __m256i| {
-                    let v = _mm256_and_si256(v, mask);
-                    let low = _mm256_cvtepi32_ps(_mm256_and_si256(v, low31));
-                    let top = _mm256_and_ps(_mm256_castsi256_ps(_mm256_srai_epi32::<31>(v)), two31);
-                    _mm256_add_ps(low, top)
-                };
+                if mask >> 31 == 0 {
+                    // Every other field: a plain signed convert is exact. (mask is a
+                    // constant once the kernels unroll their field loop, so this test
+                    // costs nothing there.)
+                    let mask = _mm256_set1_epi32(mask as i32);
+                    let half = |v: __m256i| _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+                    return Avx2(half(w.0), half(w.1));
+                }
+                // The top field: shift it down (nothing above it to mask off),
+                // convert, and scale back by 2^shift. The field has at most 8
+                // significant bits, so the convert and the power-of-two product are
+                // exact: three instructions where masking the low 31 bits and adding
+                // bit 31 back took six.
+                let shift = mask.trailing_zeros();
+                debug_assert_eq!(mask, u32::MAX << shift, "a field's bits in place");
+                let (count, scale) = (_mm_cvtsi32_si128(shift as i32), _mm256_set1_ps((1u64 << shift) as f32));
+                let half = |v: __m256i| _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srl_epi32(v, count)), scale);
                 Avx2(half(w.0), half(w.1))
             }
         }
