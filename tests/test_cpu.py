@@ -154,9 +154,11 @@ def test_concurrent_callers_get_the_same_bits():
 FORK_SCRIPT = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, sys.argv[1])
-    from conftest import make_problem, numpy_library, run_op
-    problem = make_problem(m=3, k=1024, n=512, bits=4, group_size=128, act_order=True, use_exllama=True, seed=5)
-    parent = run_op(problem, numpy_library()).tobytes()
+    from conftest import assert_matches_reference, make_problem, numpy_library, run_op
+    problem = make_problem(m=3, k=1024, n=512, bits=4, group_size=128, act_order=True, use_exllama=True)
+    out = run_op(problem, numpy_library())
+    assert_matches_reference(out, problem)  # the float64 reference, before the fork
+    parent = out.tobytes()
     read, write = os.pipe()
     child = os.fork()
     if child == 0:
