@@ -141,13 +141,16 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
     let variant = call.variant.as_deref().map_or_else(|| Ok(default_variant()), Variant::parse)?;
     let (groups_of_rows, permutation) = operands.index_roles();
     let aligned = |t: &Imported, bytes: usize| (t.ptr() as usize) % bytes == 0;
+    // 16-byte aligned activation rows, scales and zeros: what the tensor-core
+    // kernels' 16-byte copies need (wgmma also needs an 8-byte aligned output).
+    let copies_aligned = aligned(a, 16) && shape.lda % 8 == 0 && aligned(scales, 16) && aligned(qzeros, 16);
     let facts = Facts {
         use_exllama: call.use_exllama,
         has_g_idx: groups_of_rows.is_some(),
         weights_aligned: aligned(qweight, 16) && aligned(out, 4),
         variant_named: call.variant.is_some(),
         has_perm: permutation.is_some(),
-        bulk_aligned: aligned(a, 16) && shape.lda % 8 == 0 && aligned(scales, 16) && aligned(qzeros, 16) && aligned(out, 8),
+        bulk_aligned: copies_aligned && aligned(out, 8),
         caps: gpu_caps(a.meta.device)?,
     };
     let path = match call.path.as_deref() {
@@ -197,11 +200,7 @@ pub fn gemm(py: Python<'_>, call: GemmCall<'_>) -> Result<String> {
                 KernelPath::Mma => {
                     let caps = facts.caps.unwrap_or(DeviceCaps::with_sms(false, 1));
                     let operands = MmaOperands {
-                        tiled_readable: !facts.has_perm
-                            && aligned(a, 16)
-                            && shape.lda % 8 == 0
-                            && aligned(scales, 16)
-                            && aligned(qzeros, 16),
+                        tiled_readable: !facts.has_perm && copies_aligned,
                     };
                     let (m, n, k) = (shape.m, shape.n, shape.k);
                     let plan = tuned_mma_plan(mma_plan(m, n, k, &caps, operands), m, n, k, &caps, operands)?;
